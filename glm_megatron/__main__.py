@@ -5,6 +5,7 @@
     torchrun [torchrun args] -m glm_megatron rm --config CFG.yaml [dotted.key=value ...] [--resume auto]
     torchrun [torchrun args] -m glm_megatron evaluate-rm --load CKPT --test-data F --output-file OUT.json
         [--plot-calibration OUT.png]
+    torchrun [torchrun args] -m glm_megatron ppo --config CFG.yaml [dotted.key=value ...] [--resume auto]
 
 Bad input (config keys, paths, layouts, data) ends in one ``error: ...`` line and exit status 2,
 before any work. Everything runs under ``if __name__ == "__main__"`` because Megatron's
@@ -96,8 +97,30 @@ def cmd_evaluate_rm(argv) -> int:
     return 0
 
 
+# --- PPO (issue 8) ------------------------------------------------------------------------------
+
+
+def cmd_ppo(argv) -> int:
+    p = argparse.ArgumentParser(prog="glm_megatron ppo", description="PPO RLHF.")
+    p.add_argument("--config", required=True,
+                   help="YAML config (the seed's training_rlhf_ppo.yaml keys + parallel:)")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (latest complete checkpoint in checkpoint.output_dir) or a path")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = p.parse_args(argv)
+    from .training.config import load_config
+    from .training.ppo_config import PPOConfig
+
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides, schema=PPOConfig)
+    from .training.ppo_trainer import run_ppo
+
+    run_ppo(cfg)
+    return 0
+
+
 COMMANDS = {"sft": cmd_sft, "evaluate-sft": cmd_evaluate_sft, "rm": cmd_rm,
-            "evaluate-rm": cmd_evaluate_rm}
+            "evaluate-rm": cmd_evaluate_rm, "ppo": cmd_ppo}
 
 
 def main(argv=None) -> int:

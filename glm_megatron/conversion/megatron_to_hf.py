@@ -24,6 +24,8 @@ from . import hf_export_files, output_dir, weights_dir
 from .dist_reader import TorchDistReader
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
+# Trainer-only tensors of a causal-LM checkpoint: PPO's value head on the policy trunk.
+NOT_EXPORTED = {"value_head.weight"}  # models.policy_heads.VALUE_HEAD_KEY
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,6 +39,8 @@ def _plan_shards(reader: TorchDistReader, max_bytes: int) -> list[list[str]]:
     """Group checkpoint keys (whole layers kept together) into output shards, in a fixed order."""
     units: dict[str, list[str]] = {}
     for key in sorted(reader.tensors):
+        if key in NOT_EXPORTED:
+            continue
         units.setdefault(_unit(key), []).append(key)
     shards, current, size = [], [], 0
     for keys in units.values():

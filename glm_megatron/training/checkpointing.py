@@ -242,11 +242,32 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
-def save_checkpoint(engine, ckpt_dir: str, step: int, trainer_state: dict,
-                    model_config: dict) -> str:
-    """Collective. Writes ``CKPT_DIR/iter_{step}`` and marks it complete; returns its path."""
+def _save_engine(engine, path: str) -> None:
     from megatron.core import dist_checkpointing
 
+    save_model_weights(engine.modules, os.path.join(path, "model"))
+    dist_checkpointing.save(_optimizer_sharded_state(engine, False), os.path.join(path, "optimizer"))
+
+
+def _load_engine(engine, path: str, scheduler_state: dict) -> None:
+    from megatron.core import dist_checkpointing
+
+    load_model_weights(engine.modules, os.path.join(path, "model"))
+    _materialize_optimizer_state(engine.optimizer)
+    opt_state = dist_checkpointing.load(_optimizer_sharded_state(engine, True),
+                                        os.path.join(path, "optimizer"))
+    _load_optimizer_state(engine.optimizer, opt_state)
+    # load_state_dict *adds* the saved count to the current one (see lr_schedule).
+    engine.scheduler.num_steps = 0
+    engine.scheduler.load_state_dict(scheduler_state)
+
+
+def save_checkpoint(engine, ckpt_dir: str, step: int, trainer_state: dict,
+                    model_config: dict, extra_engines: dict | None = None) -> str:
+    """Collective. Writes ``CKPT_DIR/iter_{step}`` and marks it complete; returns its path.
+
+    ``extra_engines`` (PPO's separate value model) are saved the same way under
+    ``iter_x/NAME/{model,optimizer}``, their schedulers in the trainer state."""
     path = os.path.join(ckpt_dir, iter_name(step))
     rank = dist.get_rank()
     if rank == 0:
@@ -255,12 +276,18 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, trainer_state: dict,
         os.makedirs(os.path.join(path, "optimizer"))
         os.makedirs(os.path.join(path, "rng"))
     dist.barrier()
-    save_model_weights(engine.modules, os.path.join(path, "model"))
-    dist_checkpointing.save(_optimizer_sharded_state(engine, False), os.path.join(path, "optimizer"))
+    _save_engine(engine, path)
+    for name, extra in (extra_engines or {}).items():
+        if rank == 0:
+            os.makedirs(os.path.join(path, name, "optimizer"))
+        dist.barrier()
+        _save_engine(extra, os.path.join(path, name))
     torch.save(rng_state(), os.path.join(path, "rng", f"rank_{rank:05d}.pt"))
     if rank == 0:
         state = dict(trainer_state, scheduler=engine.scheduler.state_dict(),
                      world_size=dist.get_world_size())
+        state["extra_schedulers"] = {n: e.scheduler.state_dict()
+                                     for n, e in (extra_engines or {}).items()}
         _write_json_atomic(os.path.join(path, "trainer_state.json"), state)
         _write_json_atomic(os.path.join(path, "model_config.json"), model_config)
     dist.barrier()  # every rank has written its shards
@@ -276,20 +303,16 @@ def read_trainer_state(path: str) -> dict:
         return json.load(fh)
 
 
-def load_checkpoint(engine, path: str) -> dict:
+def load_checkpoint(engine, path: str, extra_engines: dict | None = None) -> dict:
     """Collective. Restores weights, optimizer, scheduler and (same world size) RNG; returns the
     trainer state."""
-    from megatron.core import dist_checkpointing
-
     state = read_trainer_state(path)
-    load_model_weights(engine.modules, os.path.join(path, "model"))
-    _materialize_optimizer_state(engine.optimizer)
-    opt_state = dist_checkpointing.load(_optimizer_sharded_state(engine, True),
-                                        os.path.join(path, "optimizer"))
-    _load_optimizer_state(engine.optimizer, opt_state)
-    # load_state_dict *adds* the saved count to the current one (see lr_schedule).
-    engine.scheduler.num_steps = 0
-    engine.scheduler.load_state_dict(state["scheduler"])
+    _load_engine(engine, path, state["scheduler"])
+    for name, extra in (extra_engines or {}).items():
+        saved = state.get("extra_schedulers", {}).get(name)
+        if saved is None or not os.path.isdir(os.path.join(path, name)):
+            raise TrainConfigError(f"checkpoint.resume: {path} has no {name!r} model state")
+        _load_engine(extra, os.path.join(path, name), saved)
     rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.pt")
     if state.get("world_size") == dist.get_world_size() and os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -78,19 +78,39 @@ class Engine(ModelRunner):
         tconfig.grad_scale_func = self.optimizer.scale_loss
         tconfig.finalize_model_grads_func = finalize_model_grads
 
-    def train_step(self, microbatches: list[dict], forward_step: Callable) -> dict:
-        """One optimizer step over a global batch; returns grad norm, lr and the loss reports."""
+    def train_step(self, microbatches: list[dict], forward_step: Callable, *,
+                   skip_nonfinite: bool = False) -> dict:
+        """One optimizer step over a global batch; returns grad norm, lr and the loss reports.
+
+        ``skip_nonfinite``: when any rank's gradients hold a NaN/inf, skip the update (and the
+        LR schedule) on every rank instead of writing NaN into the weights.
+        """
         self.train(True)
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = current_lr(self.optimizer)
         reports = self.forward_backward(microbatches, forward_step)
+        if skip_nonfinite and not grads_finite(self.model):
+            return {"reports": reports, "grad_norm": float("nan"), "lr": lr, "skipped": True}
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(1)
         return {"reports": reports, "grad_norm": float(grad_norm or 0.0), "lr": lr,
                 "skipped": not ok}
+
+
+def grads_finite(ddp_chunks: list) -> bool:
+    """True when no rank's reduced gradient buffers hold a NaN/inf (collective, whole world)."""
+    bad = 0.0
+    for m in ddp_chunks:
+        for buffer in m.buffers + m.expert_parallel_buffers:
+            if not bool(torch.isfinite(buffer.grad_data).all()):
+                bad = 1.0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    flag = torch.tensor([bad], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag) == 0.0
 
 
 def sum_reports(reports: list, key: str, width: int = 2) -> torch.Tensor:

@@ -1,0 +1,297 @@
+"""PPO RLHF: ``run_ppo(cfg)`` = checks, the four models, then the step loop.
+
+Order, like the other trainers: everything that can fail without a process group first (config,
+every model's config and the layout against each, prompts, batch arithmetic, resume path), then
+the parallel setup, the models, the engines and the loop::
+
+    resume -> [validate at start] -> for each step: rollout, score, update, log, [validate],
+    [save], preempt?
+
+Checkpoints are the SFT engine's (``iter_x/model`` = the policy, with its value head when it has
+one; ``iter_x/value/`` = a separate value model) plus the KL controller and the step in
+``trainer_state.json``. ``iter_x/model`` exports to HF with ``tools/convert_checkpoint.py
+megatron-to-hf`` (the value head is skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..models.config import model_shape
+from ..parallel import LayoutError, read_launch_env, validate_layout
+from ..parallel.state import have_transformer_engine
+from . import checkpointing as ckpt
+from .config import TrainConfigError
+from .engine import Engine
+from .metrics import RunLogger
+from .ppo_config import PPOConfig, ppo_save_interval, resolve_ppo_batch
+from .ppo_data import PromptPlanner, open_prompts, prompt_tokenizer_info
+from .ppo_math import kl_controller
+from .ppo_models import (
+    Offloaded,
+    build_frozen,
+    build_policy,
+    build_value_model,
+    check_same_vocabulary,
+    resolve_source,
+    reward_normalization,
+)
+from .ppo_step import PPOModels, PPOStep, step_seed
+from .rollout import InEngineGenerator
+from .sft import pad_multiple
+from .signals import PreemptionFlag
+
+LOG_FILE = "ppo_log.jsonl"
+
+
+@dataclass
+class Prepared:
+    sources: dict
+    layout: object
+    plan: object
+    prompts: list
+    val_prompts: list | None
+    skipped: dict
+    tokenizer: dict
+    reward_stats: dict
+    resume_from: str | None
+
+
+def prepare_ppo(cfg: PPOConfig, world_size: int) -> Prepared:
+    """Every check that needs no process group; raises TrainConfigError / LayoutError."""
+    r, d = cfg.rlhf, cfg.data
+    sources = {"policy": resolve_source(r.policy_model, "rlhf.policy_model"),
+               "reward": resolve_source(r.reward_model, "rlhf.reward_model")}
+    sources["reference"] = resolve_source(r.reference_model or r.policy_model,
+                                          "rlhf.reference_model" if r.reference_model else
+                                          "rlhf.policy_model")
+    if r.value_model:
+        sources["value"] = resolve_source(r.value_model, "rlhf.value_model")
+    policy = sources["policy"].glm
+    for name, src in sources.items():
+        if name != "policy":
+            check_same_vocabulary(policy, src.glm, src.key)
+    if sources["reference"].glm.to_hf_dict() != policy.to_hf_dict():
+        raise TrainConfigError(f"{sources['reference'].key}: the reference model's architecture "
+                               "differs from the policy's (it must be the policy's initial weights)")
+    reward_stats = reward_normalization(sources["reward"])
+    layout = None
+    for src in sources.values():
+        try:
+            layout = validate_layout(cfg.parallel.layout(), world_size, model_shape(src.glm),
+                                     training=True, cuda=torch.cuda.is_available(),
+                                     have_transformer_engine=have_transformer_engine())
+        except LayoutError as err:
+            raise TrainConfigError(f"parallel: {err} (for {src.key})") from None
+    plan = resolve_ppo_batch(cfg, layout.data_parallel_size(world_size))
+    prompts, skipped = open_prompts(d.prompt_data_path, "data.prompt_data_path", policy.vocab_size,
+                                    d.max_prompt_length)
+    skipped_all = {"train": skipped}
+    if len(prompts) < r.batch_size:
+        raise TrainConfigError(f"data.prompt_data_path: {len(prompts)} usable prompts is less than "
+                               f"one PPO batch (rlhf.batch_size {r.batch_size})")
+    val = None
+    if d.validation_prompt_path:
+        val, skipped_all["validation"] = open_prompts(
+            d.validation_prompt_path, "data.validation_prompt_path", policy.vocab_size,
+            d.max_prompt_length)
+        dp = plan.data_parallel_size
+        val = val[:min(len(val), d.max_validation_prompts) // dp * dp]
+        if not val:
+            raise TrainConfigError(f"data.validation_prompt_path: fewer prompts than data-parallel "
+                                   f"ranks ({dp})")
+    tokenizer = prompt_tokenizer_info(d.prompt_data_path, d.tokenizer_path)
+    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.output_dir)
+    return Prepared(sources, layout, plan, prompts, val, skipped_all, tokenizer, reward_stats,
+                    resume_from)
+
+
+def build_models(cfg: PPOConfig, prep: Prepared, layout) -> PPOModels:
+    r, s = cfg.rlhf, prep.sources
+    t_policy = cfg.optimizer_section()
+    optimizer_steps = r.max_steps * r.ppo_epochs * prep.plan.mini_batches_per_epoch
+    chunks, tconfig = build_policy(s["policy"], layout, t_policy, value_head=not r.value_model,
+                                   seed=r.seed)
+    policy = Engine(chunks, tconfig, t_policy, optimizer_steps)
+    value = None
+    if r.value_model:
+        t_value = cfg.optimizer_section(value=True)
+        v_chunks, v_config = build_value_model(s["value"], layout, t_value, seed=r.seed)
+        value = Engine(v_chunks, v_config, t_value, optimizer_steps)
+    reference = build_frozen(s["reference"], layout, t_policy, reward=False)
+    reward = build_frozen(s["reward"], layout, t_policy, reward=True)
+    models = PPOModels(policy, value, reference, reward,
+                       Offloaded(reference, r.offload_reference), Offloaded(reward, r.offload_reward_model),
+                       s["policy"].glm.hidden_size, s["reference"].glm.hidden_size)
+    models.reference_offload.offload()
+    models.reward_offload.offload()
+    return models
+
+
+def _load_tokenizer(info: dict):
+    path = info.get("path")
+    if not path:
+        return None
+    from ..data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except Exception:  # sample text is a convenience; token ids are logged instead
+        return None
+
+
+class SampleWriter:
+    """Prompt + response text of a few rollouts, appended to ``samples.jsonl`` and TensorBoard."""
+
+    def __init__(self, out_dir: str, tokenizer, count: int, logger: RunLogger):
+        self.path = os.path.join(out_dir, "samples.jsonl")
+        self.tok, self.count, self.logger = tokenizer, count, logger
+
+    def _text(self, ids):
+        return self.tok.decode(list(ids)) if self.tok is not None else " ".join(map(str, ids))
+
+    def write(self, step: int, ro, scores) -> None:
+        rows = []
+        for i in range(min(self.count, len(ro))):
+            rows.append({"step": step, "prompt": self._text(ro.prompts[i]),
+                         "response": self._text(ro.responses[i]), "reward": float(scores[i])})
+        with open(self.path, "a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        if self.logger.writer is not None and rows:
+            text = "\n\n".join(f"**prompt** {r['prompt']}  \n**response** {r['response']}  \n"
+                               f"**reward** {r['reward']:.3f}" for r in rows)
+            self.logger.writer.add_text("samples", text, step)
+
+
+def format_ppo_step(step: int, total: int, m: dict) -> str:
+    return (f"step {step}/{total} | reward {m['mean_reward']:+.3f} (std {m['reward_std']:.3f}) | "
+            f"kl {m['kl_divergence']:.4f} (coef {m['kl_penalty']:.3f}) | policy {m['policy_loss']:+.4f} | "
+            f"value {m['value_loss']:.4f} | entropy {m['entropy']:.3f} | approx_kl {m['approx_kl']:.4f} | "
+            f"clip {m['clip_fraction']:.3f} | len {m['response_length']:.1f} | "
+            f"time rollout/score/train {m['time_rollout']:.1f}/{m['time_scoring']:.1f}/"
+            f"{m['time_training']:.1f}s | gen tok/s {m['generated_tokens_per_sec']:.0f}")
+
+
+def run_ppo(cfg: PPOConfig, *, log=print) -> dict:
+    """Train; returns {history, validation, reason, last_checkpoint} on every rank."""
+    from megatron.core import parallel_state as ps
+
+    from ..parallel import initialize_parallel
+
+    env = read_launch_env()
+    prep = prepare_ppo(cfg, env.world_size)
+    r, c = cfg.rlhf, cfg.checkpoint
+    ctx = initialize_parallel(prep.layout, model_shape(prep.sources["policy"].glm), seed=r.seed, env=env)
+    models = build_models(cfg, prep, ctx.layout)
+    policy_glm = prep.sources["policy"].glm
+    tok = prep.tokenizer
+    pad_id = tok.get("pad_id") if isinstance(tok.get("pad_id"), int) else 0
+    stop_ids = tok.get("stop_ids") or policy_glm.stop_token_ids
+    generator = InEngineGenerator(models.policy.modules, stop_ids, pad_id=pad_id, device=ctx.device)
+    kl_ctl = kl_controller(r.kl_coef, r.target_kl, r.kl_horizon)
+    stepper = PPOStep(cfg, models, generator, prep.reward_stats, prep.plan, pad_id,
+                      pad_multiple(ctx.layout), kl_ctl)
+    dp_rank, dp = ps.get_data_parallel_rank(), prep.plan.data_parallel_size
+    planner = PromptPlanner(len(prep.prompts), prep.plan.rollouts_per_rank, dp, r.seed, cfg.data.shuffle)
+
+    out_dir = c.output_dir
+    step, history, validation = 0, [], []
+    extra = {"value": models.value} if models.value is not None else None
+    if prep.resume_from:
+        state = ckpt.load_checkpoint(models.policy, prep.resume_from, extra_engines=extra)
+        step = state["step"]
+        kl_ctl.load_state_dict(state["kl_controller"])
+        validation = state.get("validation", [])
+    if ctx.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    logger = RunLogger(ctx.is_main, cfg.logging.tensorboard_dir or os.path.join(out_dir, "tensorboard"),
+                       r.max_steps, step, cfg.logging.progress_bar)
+    samples = SampleWriter(out_dir, _load_tokenizer(tok) if ctx.is_main else None,
+                           cfg.logging.num_samples_to_log, logger)
+    if ctx.is_main:
+        p = prep.plan
+        logger.line(
+            f"ppo: {ctx.layout.describe()} on {ctx.world_size} ranks (DP={dp}); {r.batch_size} rollouts"
+            f"/step ({p.rollouts_per_rank}/rank), mini-batch {r.mini_batch_size} = {p.micro_batch_size}"
+            f" x {p.gradient_accumulation_steps} accumulation x {dp} DP, {r.ppo_epochs} epochs; "
+            f"value: {'head on the policy' if r.value_model is None else r.value_model}; "
+            f"{len(prep.prompts)} prompts ({prep.skipped['train']} too long, skipped)"
+            + (f", {len(prep.val_prompts)} validation prompts" if prep.val_prompts else ""))
+        if prep.resume_from:
+            logger.line(f"resumed from {prep.resume_from} at step {step}")
+
+    def validate():
+        if not prep.val_prompts:
+            return
+        per = len(prep.val_prompts) // dp
+        mine = prep.val_prompts[dp_rank * per:(dp_rank + 1) * per]
+        metrics, ro = stepper.validate(mine, step_seed(r.seed, 0, dp_rank, purpose=99), stop_ids)
+        validation.append((step, metrics))
+        logger.scalars(step, metrics, "eval")
+        logger.line(f"validation @ step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if ctx.is_main:
+            samples.write(step, ro, ro.fields["scores"])
+
+    def save():
+        trainer_state = {"step": step, "kl_controller": kl_ctl.state_dict(), "validation": validation,
+                         "config": cfg.to_dict(), "model_config": policy_glm.to_hf_dict()}
+        path = ckpt.save_checkpoint(models.policy, out_dir, step, trainer_state,
+                                    policy_glm.to_hf_dict(), extra_engines=extra)
+        if ctx.is_main:
+            for gone in ckpt.prune_checkpoints(out_dir, c.save_total_limit, set()):
+                logger.line(f"removed old checkpoint {gone}")
+        logger.line(f"saved checkpoint {path}")
+        dist.barrier()
+        return path
+
+    if r.eval_at_start and step == 0:
+        validate()
+    preempt = PreemptionFlag().install()
+    interval = ppo_save_interval(cfg)
+    reason, last_ckpt = "finished", None
+    try:
+        while step < r.max_steps:
+            prompts = [prep.prompts[i] for i in planner.rows(step, dp_rank)]
+            metrics, ro = stepper.run(prompts, step, stop_ids)
+            step += 1
+            history.append((step, metrics))
+            if ctx.is_main:
+                with open(os.path.join(out_dir, LOG_FILE), "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(dict(metrics, step=step)) + "\n")
+            logger.scalars(step, metrics, "train")
+            logger.progress(step, {"reward": metrics["mean_reward"], "kl": metrics["kl_divergence"]})
+            if metrics["skipped_steps"]:
+                logger.line(f"step {step}: {int(metrics['skipped_steps'])} optimizer step(s) skipped: "
+                            "non-finite gradients")
+            if step % cfg.logging.log_interval == 0 or step == r.max_steps:
+                logger.line(format_ppo_step(step, r.max_steps, metrics))
+            last = step == r.max_steps
+            if step % r.eval_steps == 0 or last:
+                validate()
+            preempted = preempt.agreed()
+            if c.save_strategy == "steps" and interval and step % interval == 0:
+                last_ckpt = save()
+            elif preempted or (last and c.save_final):
+                last_ckpt = save()
+            if preempted:
+                reason = "preempted"
+                logger.line(f"signal {preempt.received or 'on another rank'}: checkpoint saved at "
+                            f"step {step}, exiting")
+                break
+    finally:
+        preempt.uninstall()
+        logger.close()
+    if ctx.is_main and validation:
+        first, final = validation[0], validation[-1]
+        log(f"ppo {reason} at step {step}: validation reward {first[1]['mean_reward']:+.3f} (step "
+            f"{first[0]}) -> {final[1]['mean_reward']:+.3f} (step {final[0]}), KL to the reference "
+            f"{final[1]['kl_divergence']:.4f}; checkpoints in {os.path.abspath(out_dir)}")
+    return {"history": history, "validation": validation, "reason": reason,
+            "last_checkpoint": last_ckpt, "models": models}
+
