@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test bench lint demo clean
+.PHONY: install test bench lint demo demo-stages clean
 
 install: $(STAMP)
 
@@ -25,12 +25,18 @@ test: install
 bench: install
 	$(PY) tools/bench_kernels.py
 	$(PY) tools/bench_sft.py
+	$(PY) tools/bench_generation.py
+	$(PY) tools/bench_ppo.py
 
 lint: install
 	$(VENV)/bin/ruff check glm_megatron kernels tools tests
 
-# Tiny GLM-MoE SFT on 2 CPU ranks (EP=2): data, training, evaluation with generations.
+# The whole pipeline on 2 CPU ranks (EP=2): tiny SFT -> reward model -> PPO -> HF export -> chat.
 demo: install
+	PY=$(PY) examples/tiny_ppo/demo.sh
+
+# The single stages with their own data and evaluations (digit-task SFT, reward model + plot).
+demo-stages: install
 	PY=$(PY) examples/tiny_sft/demo.sh
 	PY=$(PY) examples/tiny_rm/demo.sh
 

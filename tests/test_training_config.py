@@ -224,3 +224,11 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(1e-4, rel=1e-3)
     assert lrs[54] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4), rel=1e-2)  # cosine midpoint
+
+
+def test_unquoted_no_is_the_no_choice(tmp_path):
+    # YAML 1.1 reads `save_strategy: no` (and the override save_strategy=no) as false.
+    path = tmp_path / "c.yaml"
+    path.write_text("checkpoint:\n  save_strategy: no\nevaluation:\n  eval_strategy: no\n")
+    cfg = load_config(str(path), ["checkpoint.save_strategy=no"])
+    assert cfg.checkpoint.save_strategy == "no" and cfg.evaluation.eval_strategy == "no"

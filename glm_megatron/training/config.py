@@ -247,8 +247,10 @@ def build_section(cls, data, prefix: str):
         if dataclasses.is_dataclass(tp):
             values[name] = build_section(tp, value, key)
             continue
-        value = _coerce(key, value, tp)
         choices = fields_[name].metadata.get("choices")
+        if value is False and choices and "no" in choices:
+            value = "no"  # YAML 1.1 reads an unquoted `no` (save_strategy: no) as false
+        value = _coerce(key, value, tp)
         if choices and value not in choices:
             raise TrainConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
         values[name] = value

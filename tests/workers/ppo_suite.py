@@ -1,0 +1,163 @@
+"""PPO scenarios on 2 gloo ranks, one launch (Megatron's import cost is paid once):
+
+* ``tp2``: at TP=2 (sequence parallel), the fused-kernel PPO loss terms equal plain full-logits
+  torch on the same batch, and offloading the frozen models gives identical scores;
+* ``learn_tp1`` / ``learn_ep2``: whole PPO runs (run_ppo) at TP=1 (DP=2) and EP=2; the EP=2 one
+  is also the uninterrupted reference of the kill -9 resume test.
+
+    torchrun --nproc-per-node=2 tests/workers/ppo_suite.py --inputs INPUTS.json --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+from workers.ppo_common import ppo_config  # noqa: E402
+
+
+def _wait_file(path: str) -> None:
+    import time
+
+    for _ in range(600):
+        if os.path.isfile(path):
+            return
+        time.sleep(0.05)
+
+
+def _config_file(cfg_dict: dict, name: str, out: str):
+    from workers.train_common import write_config
+
+    from glm_megatron.training.config import load_config
+    from glm_megatron.training.ppo_config import PPOConfig
+
+    path = os.path.join(out, name + ".yaml")
+    if int(os.environ["RANK"]) == 0:
+        write_config(cfg_dict, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    _wait_file(path)
+    return load_config(path, [], schema=PPOConfig)
+
+
+def full_logits_terms(models, batch, hp) -> dict:
+    """The loss terms from full-vocabulary logits (the oracle for the fused kernel)."""
+    from glm_megatron.models.forward import forward_logits
+    from glm_megatron.training.ppo_math import masked_sum, policy_loss
+
+    logits = forward_logits(models.policy.modules, batch["tokens"])
+    if logits is None:
+        return {}
+    logp_all = torch.log_softmax(logits.double() / hp["temperature"], dim=-1)
+    logp = logp_all.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    mask = batch["mask"]
+    pol = policy_loss(logp, batch["old_logprobs"].double(), batch["advantages"].double(), mask,
+                      hp["clip_range"])
+    return {"policy_loss": float(pol.loss_sum), "entropy": float(masked_sum(entropy, mask)),
+            "approx_kl": float(pol.approx_kl_sum), "clip_fraction": float(pol.clipped_tokens)}
+
+
+def fused_terms(models, batch, hp) -> dict:
+    from glm_megatron.models.policy_heads import hidden_output
+    from glm_megatron.training.ppo_forward import REPORT_KEYS, ppo_loss_step
+
+    with hidden_output(models.policy.modules):
+        reports = models.policy.eval_step([batch], ppo_loss_step(hp, models.hidden_size))
+    if not reports:
+        return {}
+    values = reports[0]["ppo"].tolist()
+    return {k: float(v) for k, v in zip(REPORT_KEYS, values)}
+
+
+def scenario_tp2(inputs: dict, out: str) -> dict:
+    from glm_megatron.models.config import model_shape
+    from glm_megatron.parallel import initialize_parallel, read_launch_env
+    from glm_megatron.training.ppo_math import kl_controller
+    from glm_megatron.training.ppo_step import PPOStep
+    from glm_megatron.training.ppo_trainer import build_models, prepare_ppo
+    from glm_megatron.training.rollout import InEngineGenerator
+    from glm_megatron.training.sampling import SamplingParams
+    from glm_megatron.training.sft import pad_multiple
+
+    cfg = _config_file(ppo_config(inputs, os.path.join(out, "tp2"),
+                                  parallel={"tensor_model_parallel_size": 2,
+                                            "expert_model_parallel_size": 1}), "tp2", out)
+    env = read_launch_env()
+    prep = prepare_ppo(cfg, env.world_size)
+    ctx = initialize_parallel(prep.layout, model_shape(prep.sources["policy"].glm), seed=3, env=env)
+    models = build_models(cfg, prep, ctx.layout)
+    tok = prep.tokenizer
+    gen = InEngineGenerator(models.policy.modules, tok["stop_ids"], pad_id=tok["pad_id"], device=ctx.device)
+    stepper = PPOStep(cfg, models, gen, prep.reward_stats, prep.plan, tok["pad_id"],
+                      pad_multiple(ctx.layout), kl_controller(0.05, None, 1))
+    prompts = prep.prompts[:6]
+    ro = stepper.rollout(prompts, seed=5, sampling=SamplingParams(greedy=True))
+    stepper.score(ro)
+    plain = {k: ro.fields[k].clone() for k in ("old_logprobs", "ref_logprobs", "scores", "old_values")}
+    # Offload both frozen models, check their storage is gone, score again.
+    models.reference_offload.enabled = models.reward_offload.enabled = True
+    models.reference_offload.offload()
+    models.reward_offload.offload()
+    resident = models.reference_offload.resident_bytes() + models.reward_offload.resident_bytes()
+    stepper.score(ro)
+    offloaded = {k: ro.fields[k] for k in plain}
+    after = models.reference_offload.resident_bytes() + models.reward_offload.resident_bytes()
+    result = {
+        "layout": ctx.layout.describe(),
+        "resident_while_offloaded": resident, "resident_after_scoring": after,
+        "offload_max_diff": max(float((plain[k] - offloaded[k]).abs().max()) for k in plain),
+        "responses": ro.responses,
+    }
+    # Loss terms: perturbed old log-probs so that the ratios and clipping are not trivial.
+    gen_noise = torch.Generator().manual_seed(0)
+    batch = ro.select(range(len(ro)))
+    batch["old_logprobs"] = batch["old_logprobs"] + 0.3 * torch.randn(
+        batch["old_logprobs"].shape, generator=gen_noise) * batch["mask"]
+    result["fused"] = fused_terms(models, batch, stepper.hp)
+    result["full_logits"] = full_logits_terms(models, batch, stepper.hp)
+    return result
+
+
+def scenario_learn(inputs: dict, out: str, name: str, parallel: dict, steps: int) -> dict:
+    from glm_megatron.training.ppo_trainer import run_ppo
+
+    run_dir = os.path.join(out, name)
+    cfg = _config_file(ppo_config(inputs, run_dir, parallel=parallel,
+                                  rlhf={"max_steps": steps, "save_steps": steps // 2,
+                                        "eval_steps": steps}), name, out)
+    result = run_ppo(cfg, log=lambda *a: None)
+    res = {"validation": result["validation"], "output_dir": run_dir,
+           "history": [(s, {k: v for k, v in m.items()}) for s, m in result["history"]]}
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--inputs", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=16)
+    args = p.parse_args()
+    with open(args.inputs, encoding="utf-8") as fh:
+        inputs = json.load(fh)
+    results = {"tp2": scenario_tp2(inputs, args.out)}
+    results["learn_tp1"] = scenario_learn(inputs, args.out, "learn_tp1",
+                                          {"expert_model_parallel_size": 1}, args.steps)
+    results["learn_ep2"] = scenario_learn(inputs, args.out, "learn_ep2",
+                                          {"expert_model_parallel_size": 2}, args.steps)
+    if int(os.environ["RANK"]) == 0:
+        with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=1)
+    # Between scenarios only Megatron's groups are rebuilt (initialize_parallel does it): a
+    # second init of the default group on the same rendezvous port would hang.
+    from glm_megatron.parallel import destroy_parallel
+
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
