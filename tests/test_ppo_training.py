@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 from workers.ppo_common import build_ppo_inputs, ppo_config, read_ppo_log
 from workers.train_common import glm_cmd, write_config
@@ -98,15 +99,34 @@ def test_kill9_resume_replays_the_same_trajectory(suite, inputs, tmp_path):
         if proc.poll() is not None or time.time() > deadline:
             raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # no chance to save
-    proc.wait()
+    # torchrun starts its ranks in sessions of their own: SIGKILL every process of the job, as a
+    # node failure would (no handler runs, nothing is saved).
+    job = psutil.Process(proc.pid)
+    for p in [*job.children(recursive=True), job]:
+        p.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed_at = _logged(out_dir)
+    assert STEPS // 2 < killed_at < STEPS, "the run was not killed between two checkpoints"
+    assert not os.path.exists(os.path.join(out_dir, f"iter_{STEPS:07d}"))
     assert os.path.isfile(os.path.join(out_dir, f"iter_{STEPS // 2:07d}", "COMPLETE"))
     resumed = subprocess.run(glm_cmd("ppo", "--config", cfg_file, "--resume", "auto"), cwd=REPO,
                              env=launch_env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from {out_dir}/iter_{STEPS // 2:07d}" in resumed.stdout + resumed.stderr
     log = read_ppo_log(out_dir)
+    assert f"ppo finished at step {STEPS}" in resumed.stdout
     for step in range(STEPS // 2 + 1, STEPS + 1):
         assert log[step]["rollout_digest"] == reference[step]["rollout_digest"], step
         for key in ("mean_reward", "policy_loss", "value_loss", "kl_penalty"):
             assert log[step][key] == pytest.approx(reference[step][key], rel=1e-6, abs=1e-7), (step, key)
+
+
+def test_pipeline_parallel_with_a_separate_value_model(suite):
+    run = suite["pp2_value"]
+    assert run["policy_saved"] and run["value_saved"]
+    for _, m in run["history"]:
+        assert m["skipped_steps"] == 0 and m["optimizer_steps"] == 4
+        for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "mean_reward"):
+            assert m[key] == m[key] and abs(m[key]) < 1e3, (key, m[key])  # finite
+        assert m["value_loss"] > 0
+    assert run["validation"][-1][0] == 2

@@ -3,7 +3,8 @@
 * ``tp2``: at TP=2 (sequence parallel), the fused-kernel PPO loss terms equal plain full-logits
   torch on the same batch, and offloading the frozen models gives identical scores;
 * ``learn_tp1`` / ``learn_ep2``: whole PPO runs (run_ppo) at TP=1 (DP=2) and EP=2; the EP=2 one
-  is also the uninterrupted reference of the kill -9 resume test.
+  is also the uninterrupted reference of the kill -9 resume test;
+* ``pp2_value``: PP=2 with a separate value model (its own optimizer), two steps and a save.
 
     torchrun --nproc-per-node=2 tests/workers/ppo_suite.py --inputs INPUTS.json --out DIR
 """
@@ -136,6 +137,23 @@ def scenario_learn(inputs: dict, out: str, name: str, parallel: dict, steps: int
     return res
 
 
+def scenario_pp2_value_model(inputs: dict, out: str) -> dict:
+    """PP=2 with a separate value model started from the reward checkpoint: two steps, saved."""
+    from glm_megatron.training.ppo_trainer import run_ppo
+
+    run_dir = os.path.join(out, "pp2_value")
+    cfg = _config_file(ppo_config(
+        inputs, run_dir,
+        parallel={"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 1},
+        rlhf={"value_model": inputs["reward"], "value_learning_rate": 5.0e-4, "max_steps": 2,
+              "save_steps": 2, "eval_steps": 2, "eval_at_start": False}), "pp2_value", out)
+    result = run_ppo(cfg, log=lambda *a: None)
+    ckpt = os.path.join(run_dir, "iter_0000002")
+    return {"history": result["history"], "validation": result["validation"],
+            "value_saved": os.path.isfile(os.path.join(ckpt, "value", "model", "metadata.json")),
+            "policy_saved": os.path.isfile(os.path.join(ckpt, "model", "metadata.json"))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--inputs", required=True)
@@ -149,6 +167,7 @@ def main() -> None:
                                           {"expert_model_parallel_size": 1}, args.steps)
     results["learn_ep2"] = scenario_learn(inputs, args.out, "learn_ep2",
                                           {"expert_model_parallel_size": 2}, args.steps)
+    results["pp2_value"] = scenario_pp2_value_model(inputs, args.out)
     if int(os.environ["RANK"]) == 0:
         with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=1)
