@@ -179,7 +179,7 @@ def format_ppo_step(step: int, total: int, m: dict) -> str:
 
 
 def run_ppo(cfg: PPOConfig, *, log=print) -> dict:
-    """Train; returns {history, validation, reason, last_checkpoint} on every rank."""
+    """Train; returns {history, validation, reason, last_checkpoint, models} on every rank."""
     from megatron.core import parallel_state as ps
 
     from ..parallel import initialize_parallel
