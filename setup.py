@@ -25,6 +25,7 @@ setup(
         "einops",
         "packaging",
         "numpy",
+        "numba",  # single-pass CPU GAE kernel (kernels/_gae_numba.py), the CPU default of compute_gae
         "jinja2",
         "matplotlib",  # reward-model calibration plots (imported lazily, Agg backend)
     ],

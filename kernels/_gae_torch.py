@@ -105,7 +105,8 @@ def gae_scan(r, v, m, nxt, gamma, lam):
     delta[:, :-1].add_(torch.where(nxt[:, :-1], v[:, 1:], 0.0), alpha=gamma)
     torch.mul(delta.view(R, nC, L), m.view(R, nC, L), out=d_tm.permute(1, 2, 0))
     c_tm = torch.empty(L, R, nC, dtype=dtype)
-    torch.mul((m & nxt).view(R, nC, L), gamma * lam, out=c_tm.permute(1, 2, 0))
+    # The mask is cast first: bool * float computes in fp32, which would cap fp64 at ~4e-7.
+    torch.mul((m & nxt).to(dtype).view(R, nC, L), gamma * lam, out=c_tm.permute(1, 2, 0))
 
     # Level 1: local suffix scan and suffix products inside each block.
     a_tm = torch.empty_like(d_tm)

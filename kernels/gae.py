@@ -10,19 +10,27 @@ and nothing flows across it (so right padding and variable lengths need nothing 
 are (A + V) * m; masked-out positions are 0 in both outputs.
 
 It is the linear recurrence A_t = d_t + c_t * A_{t+1} with d_t = m_t * delta_t and
-c_t = gamma * lam * m_t * m_{t+1}: Triton scans the (c, d) pairs on CUDA; on CPU right-padded
-batches take a blocked-GEMM discounted suffix sum and anything else (holes, packed segments) a
-two-level blocked scan (see _gae_torch). Outputs are fp32 (fp64 inputs stay fp64 on CPU).
+c_t = gamma * lam * m_t * m_{t+1}. Backends (`backend=`):
+
+* "auto": "triton" for CUDA tensors, "numba" for CPU tensors ("torch" if numba is not installed).
+* "triton": scans the (c, d) pairs on CUDA (or under TRITON_INTERPRET=1 on CPU, for tests).
+* "numba": CPU only; one native backward pass per row / packed segment, rows spread over
+  torch.get_num_threads() threads (see _gae_numba). Memory-bound: about the cost of a copy.
+* "torch": vectorised torch on CPU; right-padded batches take a blocked-GEMM discounted suffix
+  sum and anything else (holes, packed segments) a two-level blocked scan (see _gae_torch).
+
+Outputs are fp32 (fp64 inputs stay fp64 on CPU).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import BACKENDS, resolve_backend
 from .whiten import whiten_advantages
 
 
@@ -53,6 +61,33 @@ def _check(rewards, values, mask, gamma, lam, cu_seqlens):
         )
 
 
+GAE_BACKENDS = (*BACKENDS, "numba")
+
+
+@functools.cache
+def _numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pick_backend(backend, like):
+    """resolve_backend plus "numba" (GAE only): the CPU default when numba is installed."""
+    if backend not in GAE_BACKENDS:
+        raise ValueError(f"backend must be one of {GAE_BACKENDS}, got {backend!r}")
+    if backend == "numba":
+        if like.device.type != "cpu":
+            raise ValueError(f"backend='numba' needs CPU tensors, got device {like.device}")
+        if not _numba_available():
+            raise ValueError("backend='numba' requested but numba is not installed")
+        return "numba"
+    if backend == "auto" and like.device.type == "cpu" and _numba_available():
+        return "numba"
+    return resolve_backend(backend, like)
+
+
 def _next_valid(m, cu_seqlens):
     """nxt_t = m_{t+1} and t+1 in the same row / segment."""
     nxt = torch.zeros_like(m)
@@ -79,9 +114,13 @@ def compute_gae(
     masked-in tokens (across `whiten_group`, e.g. the DP group, when given)."""
     _check(rewards, values, mask, gamma, lam, cu_seqlens)
     m = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool()
-    backend = resolve_backend(backend, rewards)
+    backend = _pick_backend(backend, rewards)
     out_dtype = torch.promote_types(values.dtype, torch.float32)
-    if backend == "triton":
+    if backend == "numba":
+        from ._gae_numba import gae_numba
+
+        adv, ret = gae_numba(rewards.to(out_dtype), values.to(out_dtype), m, gamma, lam, cu_seqlens)
+    elif backend == "triton":
         adv, ret = _run_triton(rewards, values, m, _next_valid(m, cu_seqlens), gamma, lam, cu_seqlens)
         adv, ret = adv.to(out_dtype), ret.to(out_dtype)
     else:

@@ -14,14 +14,16 @@ peak = VmHWM - RSS at reset - bytes of the weight gradient (which both paths mus
 torch buffers are mmap-backed, so RSS follows allocation closely. Time = best of `--reps` runs after
 that first one, in the same process.
 
-GAE: ours (`kernels.compute_gae`, CPU torch path) vs a per-timestep Python loop (verl/OpenRLHF/TRL
-style), a chunked-matmul scan (slime style) and the memory floor (cloning the same input bytes and
-allocating the outputs).
+GAE: ours (`kernels.compute_gae`: numba on CPU, and its vectorised torch path) vs a
+per-timestep Python loop (verl/OpenRLHF/TRL style), a chunked-matmul scan (slime style) and the
+memory floor (cloning the same input bytes), each under two fixed glibc malloc policies (outputs
+on reused pages / on fresh pages; see MALLOC_POLICIES).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import socket
@@ -207,7 +209,28 @@ def _best(fn, reps):
     return min(ts)
 
 
+OURS_GAE = "ours (kernels.compute_gae: numba on CPU)"
+FLOOR_GAE = "memory floor (clone inputs = same bytes)"
+SLIME_GAE = "slime-style chunked matmul scan"
+LOOP_GAE = "verl-style per-timestep python loop"
+
+# A GAE call's time hangs on whether its 16 MiB outputs land on pages glibc kept from the last
+# call or on fresh mmap'ed ones (a page fault per 4 KiB). Left alone, glibc's dynamic mmap
+# threshold flips between the two, which made runs bimodal; so every GAE row is measured under
+# both fixed policies (M_MMAP_THRESHOLD caps at 32 MiB: bigger arrays are always fresh).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_POLICIES = {"reused pages": (32 << 20, 1 << 30), "fresh pages": (1 << 20, 128 << 10)}
+
+
+def _set_malloc_policy(name):
+    mmap_threshold, trim_threshold = MALLOC_POLICIES[name]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+    libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+
+
 def bench_gae(a):
+    """{policy: {row: seconds}} and the max |ours - loop|."""
     import torch
 
     import kernels
@@ -220,21 +243,64 @@ def bench_gae(a):
     # cost does not depend on it).
     lens = torch.randint(T // 2, T + 1, (B,), generator=g)
     m = torch.arange(T)[None] < lens[:, None]
-    mf = m.float()
-    rows = {
-        "ours (kernels.compute_gae, torch CPU path)": _best(
-            lambda: kernels.compute_gae(r, v, m, 0.99, 0.95), a.reps * 3
-        ),
-        "slime-style chunked matmul scan": _best(lambda: gae_chunked_matmul(r, v, 0.99, 0.95), a.reps * 3),
-        "memory floor (clone inputs = same bytes)": _best(
-            lambda: (r.clone(), v.clone(), m.clone()), a.reps * 3
-        ),
-    }
-    t0 = time.perf_counter()
-    adv_loop, _ = gae_python_loop(r, v, mf, 0.99, 0.95)
-    rows["verl-style per-timestep python loop"] = time.perf_counter() - t0
+    table = {}
+    for policy in MALLOC_POLICIES:
+        _set_malloc_policy(policy)
+        table[policy] = {
+            OURS_GAE: _best(lambda: kernels.compute_gae(r, v, m, 0.99, 0.95), a.reps * 3),
+            "ours, vectorised torch path (backend='torch')": _best(
+                lambda: kernels.compute_gae(r, v, m, 0.99, 0.95, backend="torch"), a.reps * 3
+            ),
+            SLIME_GAE: _best(lambda: gae_chunked_matmul(r, v, 0.99, 0.95), a.reps * 3),
+            FLOOR_GAE: _best(lambda: (r.clone(), v.clone(), m.clone()), a.reps * 3),
+        }
+    t0 = time.perf_counter()  # ~1.5 s of Python: measured once, its allocations do not matter
+    adv_loop, _ = gae_python_loop(r, v, m.float(), 0.99, 0.95)
+    loop_time = time.perf_counter() - t0
+    for rows in table.values():
+        rows[LOOP_GAE] = loop_time
     adv, _ = kernels.compute_gae(r, v, m, 0.99, 0.95)
-    return rows, float((adv - adv_loop).abs().max())
+    return table, float((adv - adv_loop).abs().max())
+
+
+def report_gae(a):
+    table, err = bench_gae(a)
+    print(f"# GAE B={a.gae_b} T={a.gae_t} fp32, right-padded random lengths (max |ours - loop|: {err:.1e})")
+    print(f"  {'':48}" + "".join(f"{p:>16}" for p in table))
+    for name in next(iter(table.values())):
+        print(f"  {name:48}" + "".join(f"{rows[name] * 1e3:13.1f} ms" for rows in table.values()))
+    for policy, rows in table.items():
+        ours, loop, slime, floor = (rows[k] for k in (OURS_GAE, LOOP_GAE, SLIME_GAE, FLOOR_GAE))
+        print(
+            f"  {policy}: speed-up vs loop {loop / ours:.1f}x (goal >= 25: {_met(loop / ours >= 25)}); "
+            f"vs slime-style {slime / ours:.2f}x (goal > 1: {_met(slime > ours)}); "
+            f"time / memory floor {ours / floor:.2f}x (goal <= 2: {_met(ours <= 2 * floor)})"
+        )
+
+
+# ----------------------------------------------------------------------------- log-prob table
+LOGPROB_IMPLS = {
+    "megatron": "Megatron vocab_parallel_cross_entropy",
+    "fused": "ours (kernels.token_logprobs)",
+}
+
+
+def bench_logprob(a):
+    print(f"# log-prob + KL(k3) fwd+bwd, N={a.n} H={a.hidden} V={a.vocab} fp32, 2 CPU threads in all")
+    print(f"{'':8}{'impl':42}{'extra peak MiB':>15}{'time s':>9}{'mem ratio':>11}{'time ratio':>12}")
+    for tp in (1, 2):
+        res = {impl: _run_logprob(impl, tp, a) for impl in LOGPROB_IMPLS}
+        base = res["megatron"]
+        for impl, name in LOGPROB_IMPLS.items():
+            r = res[impl]
+            mem, tim = r["extra"] / base["extra"], r["time"] / base["time"]
+            same = abs(r["checksum"] - base["checksum"]) <= 1e-4 * abs(base["checksum"])
+            print(
+                f"TP={tp:<5} {name:42}{r['extra'] / 2**20:15.1f}{r['time']:9.2f}{mem:11.3f}{tim:11.2f}x"
+                + ("" if same else "  (log-probs DIFFER from Megatron's)")
+            )
+        mem, tim = res["fused"]["extra"] / base["extra"], res["fused"]["time"] / base["time"]
+        print(f"TP={tp:<5} goals: memory <= 0.125 {_met(mem <= 0.125)}, time <= 1.0x {_met(tim <= 1.0)}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -254,7 +320,7 @@ def main():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--only", choices=["logprob", "gae"], default=None)
     p.add_argument("--worker", choices=["logprob"], help=argparse.SUPPRESS)
-    p.add_argument("--impl", choices=["fused", "megatron"], help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=list(LOGPROB_IMPLS), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -262,40 +328,9 @@ def main():
     if a.quick:
         a.n, a.vocab, a.gae_b, a.gae_t, a.reps = 512, 32768, 64, 2048, 1
     if a.only != "gae":
-        print(f"# log-prob + KL(k3) fwd+bwd, N={a.n} H={a.hidden} V={a.vocab} fp32, 2 CPU threads in all")
-        print(f"{'':8}{'impl':42}{'extra peak MiB':>15}{'time s':>9}")
-        for tp in (1, 2):
-            res = {impl: _run_logprob(impl, tp, a) for impl in ("megatron", "fused")}
-            for impl, name in (
-                ("megatron", "Megatron vocab_parallel_cross_entropy"),
-                ("fused", "ours (kernels.token_logprobs)"),
-            ):
-                print(f"TP={tp:<5} {name:42}{res[impl]['extra'] / 2**20:15.1f}{res[impl]['time']:9.2f}")
-            mem = res["fused"]["extra"] / res["megatron"]["extra"]
-            tim = res["fused"]["time"] / res["megatron"]["time"]
-            same = abs(res["fused"]["checksum"] - res["megatron"]["checksum"]) <= 1e-4 * abs(
-                res["megatron"]["checksum"]
-            )
-            print(
-                f"TP={tp:<5} ratios ours/megatron: memory {mem:.3f} (goal <= 0.125: {_met(mem <= 0.125)}), "
-                f"time {tim:.2f}x (goal <= 1.0: {_met(tim <= 1.0)}), same logprobs: {same}"
-            )
+        bench_logprob(a)
     if a.only != "logprob":
-        rows, err = bench_gae(a)
-        print(
-            f"# GAE B={a.gae_b} T={a.gae_t} fp32, right-padded random lengths (max |ours - loop|: {err:.1e})"
-        )
-        for name, t in rows.items():
-            print(f"  {name:44}{t * 1e3:10.1f} ms")
-        ours = rows["ours (kernels.compute_gae, torch CPU path)"]
-        loop, slime = rows["verl-style per-timestep python loop"], rows["slime-style chunked matmul scan"]
-        floor = rows["memory floor (clone inputs = same bytes)"]
-        print(
-            f"  speed-up vs loop {loop / ours:.1f}x (goal >= 25: {_met(loop / ours >= 25)}); "
-            f"vs slime-style {slime / ours:.2f}x (goal > 1: {_met(slime > ours)}); "
-            f"time / memory floor {ours / floor:.1f}x (goal <= 2: {_met(ours <= 2 * floor)})"
-        )
-
+        report_gae(a)
 
 if __name__ == "__main__":
     main()
