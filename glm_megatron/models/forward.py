@@ -34,7 +34,15 @@ def _micro_batches(tensors: tuple, chunks: list, micro_batch_size: int | None):
 
 def forward_logits(chunks: list[torch.nn.Module], input_ids: torch.Tensor,
                    micro_batch_size: int | None = None) -> torch.Tensor | None:
-    """Full-vocabulary logits [b, s, V] on the last pipeline stage, None on the others."""
+    """Full-vocabulary logits [b, s, V] on the last pipeline stage, None on the others.
+
+    With virtual pipeline stages and no micro-batch size given, a batch of fewer rows than PP
+    (one evaluation prompt, say) is filled up with copies of its last row, because Megatron's
+    interleaved schedule needs PP micro-batches; the copies' logits are dropped."""
+    rows = input_ids.shape[0]
+    if len(chunks) > 1 and micro_batch_size is None:
+        fill = -rows % ps.get_pipeline_model_parallel_world_size()
+        input_ids = torch.cat([input_ids, input_ids[-1:].expand(fill, -1)]) if fill else input_ids
 
     def step(data_iterator, model):
         (ids,) = next(data_iterator)
@@ -50,7 +58,7 @@ def forward_logits(chunks: list[torch.nn.Module], input_ids: torch.Tensor,
             collect_non_loss_data=True,
         )
     if ps.is_pipeline_last_stage(ignore_virtual=True):
-        return torch.cat([out.float() for out in store], dim=0)
+        return torch.cat([out.float() for out in store], dim=0)[:rows]
     return None
 
 

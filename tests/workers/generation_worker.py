@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from glm_megatron.models import get_preset  # noqa: E402
 from glm_megatron.models.config import model_shape  # noqa: E402
-from glm_megatron.models.forward import forward_logits  # noqa: E402
 from glm_megatron.models.loading import build_glm_model  # noqa: E402
 from glm_megatron.parallel import ParallelLayout, destroy_parallel, initialize_parallel  # noqa: E402
 from glm_megatron.training.generation import greedy_generate  # noqa: E402
@@ -76,26 +75,9 @@ def sp_flags(chunks) -> list:
 
 
 def oracle_greedy(chunks, prompt: list[int], pad_multiple: int) -> list[int]:
-    """Full-recompute greedy tokens: ``greedy_generate``, or its loop over ``forward_logits`` with
-    virtual pipelining (whose interleaved schedule needs PP micro-batches: the row is repeated)."""
-    if len(chunks) == 1:
-        return greedy_generate(chunks, prompt, MAX_NEW, [], pad_multiple=pad_multiple)
-    from megatron.core import parallel_state as ps
-
-    pp = ps.get_pipeline_model_parallel_world_size()
-    ids = list(prompt)
-    for chunk in chunks:
-        chunk.eval()
-    with torch.no_grad():
-        for _ in range(MAX_NEW):
-            logits = forward_logits(chunks, torch.tensor([ids] * pp), micro_batch_size=1)
-            token = torch.zeros(1, dtype=torch.long)
-            if logits is not None:
-                token[0] = int(logits[0, -1].argmax())
-            dist.broadcast(token, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-            ids.append(int(token[0]))
-    return ids[len(prompt):]
+    """Full-recompute greedy tokens (``greedy_generate``: one prompt, also under virtual
+    pipelining, where forward_logits fills the batch up to PP micro-batches)."""
+    return greedy_generate(chunks, prompt, MAX_NEW, [], pad_multiple=pad_multiple)
 
 
 def run_layout(cfg, name: str, sets) -> dict:
