@@ -15,6 +15,7 @@ from . import _tp
 from ._backend import resolve_backend
 from ._checks import check_common, check_logits
 from ._chunking import CPU_TILE_ELEMS, GPU_TILE_ELEMS, MAX_TOKEN_CHUNK, local_labels, ranges
+from ._shared import flat_labels, masked_upstream, outputs_from_stats
 from .token_logprobs import TokenLogProbs, _package, chunk_ops
 
 
@@ -40,10 +41,7 @@ class _LogitsLogProbs(torch.autograd.Function):
             res = ops.chunk_stats(z, inv_temp, local_labels(labels[i0:i1], rank * vs, vs), want_ent, sc)
             for k in range(4):
                 stats[k, i0:i1] = res[k]
-        lse, target, ent = _tp.finish(_tp.allreduce_stats(tuple(stats), tp_group))
-        zero = torch.zeros((), dtype=torch.float32, device=logits.device)
-        logp = torch.where(valid, target - lse, zero)
-        ent = torch.where(valid, ent, zero) if want_ent else torch.zeros_like(logp)
+        lse, logp, ent = outputs_from_stats(stats, tp_group, valid, want_ent)
         ctx.save_for_backward(logits, labels, valid, lse, ent)
         ctx.cfg = (inv_temp, tp_group, want_ent, backend, tile)
         if not want_ent:
@@ -57,9 +55,7 @@ class _LogitsLogProbs(torch.autograd.Function):
         ops = chunk_ops(backend)
         n, vs = logits.shape
         rank, _ = _tp.tp_rank_world(tp_group)
-        zero = torch.zeros((), dtype=torch.float32, device=logits.device)
-        g_lp = torch.where(valid, g_lp.float(), zero)
-        g_ent = torch.where(valid, g_ent.float(), zero) if (want_ent and g_ent is not None) else None
+        g_lp, g_ent = masked_upstream(g_lp, g_ent, valid, want_ent)
         nt = _token_chunk(n, vs, logits.device, tile)
         buf = torch.empty(nt * vs, dtype=torch.float32, device=logits.device)
         scratch = torch.empty_like(buf) if (g_ent is not None and backend == "torch") else None
@@ -104,9 +100,7 @@ def logprobs_from_logits(
     backend = resolve_backend(backend, logits)
     shape = labels.shape
     lg = logits.reshape(-1, logits.shape[-1])
-    lab = labels.reshape(-1).long()
-    valid = lab != ignore_index
-    lab = torch.where(valid, lab, torch.full_like(lab, -1))
+    lab, valid = flat_labels(labels, ignore_index)
     logp, ent = _LogitsLogProbs.apply(
         lg, lab, valid, 1.0 / float(temperature), tp_group, bool(return_entropy), backend, tile_elems
     )

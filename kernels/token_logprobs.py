@@ -35,6 +35,7 @@ from . import _tp
 from ._backend import resolve_backend
 from ._checks import check_common, check_hidden_weight
 from ._chunking import local_labels, mm_f32, plan, ranges
+from ._shared import flat_labels, masked_upstream, outputs_from_stats
 from .kl import kl_penalty
 
 
@@ -75,10 +76,7 @@ class _FusedLogProbs(torch.autograd.Function):
                 acc = _tp.merge(acc, ops.chunk_stats(z, inv_temp, loc, want_ent, sc))
             for k in range(4):
                 stats[k, i0:i1] = acc[k]
-        lse, target, ent = _tp.finish(_tp.allreduce_stats(tuple(stats), tp_group))
-        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        logp = torch.where(valid, target - lse, zero)
-        ent = torch.where(valid, ent, zero) if want_ent else torch.zeros_like(logp)
+        lse, logp, ent = outputs_from_stats(stats, tp_group, valid, want_ent)
         ctx.save_for_backward(hidden, weight, labels, valid, lse, ent)
         ctx.cfg = (inv_temp, tp_group, want_ent, backend, tile)
         if not want_ent:
@@ -93,9 +91,7 @@ class _FusedLogProbs(torch.autograd.Function):
         ops = chunk_ops(backend)
         n, vs = hidden.shape[0], weight.shape[0]
         rank, _ = _tp.tp_rank_world(tp_group)
-        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        g_lp = torch.where(valid, g_lp.float(), zero)
-        g_ent = torch.where(valid, g_ent.float(), zero) if (want_ent and g_ent is not None) else None
+        g_lp, g_ent = masked_upstream(g_lp, g_ent, valid, want_ent)
         want_ent = g_ent is not None
         nt, vc = plan(n, vs, hidden.device, tile)
         buf = torch.empty(nt * vc, dtype=torch.float32, device=hidden.device)
@@ -162,9 +158,7 @@ def token_logprobs(
     backend = resolve_backend(backend, hidden)
     shape = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    lab = labels.reshape(-1).long()
-    valid = lab != ignore_index
-    lab = torch.where(valid, lab, torch.full_like(lab, -1))
+    lab, valid = flat_labels(labels, ignore_index)
     logp, ent = _FusedLogProbs.apply(
         h2, weight, lab, valid, 1.0 / float(temperature), tp_group, bool(return_entropy), backend, tile_elems
     )
