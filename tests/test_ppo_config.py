@@ -74,6 +74,7 @@ def test_example_configs_load(example):
     ("rlhf.mini_batch_size=48", "rlhf.batch_size 128 is not a multiple of rlhf.mini_batch_size 48"),
     ("rlhf.top_p=0", "rlhf.top_p must be in (0, 1]"),
     ("rlhf.temperature=0", "rlhf.temperature must be > 0"),
+    ("rlhf.missing_eos_penalty=-0.5", "rlhf.missing_eos_penalty must be >= 0 or null"),
     ("rlhf.save_steps=100", "disagree (they are aliases)"),
     ("rlhf.value_learning_rate=1e-5", "rlhf.value_learning_rate needs a separate rlhf.value_model"),
     ("rlhf.reward_model=null", "rlhf.reward_model is not set"),

@@ -18,7 +18,9 @@ from glm_megatron.training.ppo_math import (
     kl_controller,
     masked_mean,
     masked_sum,
+    ended_with_stop,
     normalize_scores,
+    penalize_missing_stop,
     policy_loss,
     ppo_total_loss,
     repetition_rate,
@@ -278,6 +280,17 @@ def test_normalize_scores():
     for bad in (0.0, -1.0, NAN):
         with pytest.raises(ValueError, match="std"):
             normalize_scores(raw, 0.0, bad, None)
+
+
+def test_missing_stop_penalty():
+    ended = ended_with_stop([[5, 2], [5, 6], [], [9], [7, 1]], stop_ids=[2, 9])
+    assert ended.tolist() == [True, False, False, True, False]
+    scores = torch.tensor([1.0, 1.0, -0.5, 0.25, 3.0])
+    assert penalize_missing_stop(scores, ended, 0.5).tolist() == approx([1.0, 0.5, -1.0, 0.25, 2.5])
+    assert penalize_missing_stop(scores, ended, None) is scores
+    assert penalize_missing_stop(scores, ended, 0.0) is scores
+    with pytest.raises(ValueError, match="penalty"):
+        penalize_missing_stop(scores, ended, -1.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,6 +62,14 @@ def test_offloaded_frozen_models_give_identical_scores(suite):
     assert run["offload_max_diff"] == 0.0
 
 
+def test_missing_eos_penalty_lowers_only_truncated_responses(suite):
+    run = suite["tp2"]
+    ended = run["eos_ended"]
+    assert ended == [i % 2 == 0 for i in range(len(ended))]  # as the scenario built them
+    for shift, stopped in zip(run["eos_penalty_shift"], ended):
+        assert shift == pytest.approx(0.0 if stopped else 0.7, abs=1e-6)
+
+
 @pytest.mark.parametrize("name", ["learn_tp1", "learn_ep2"])
 def test_validation_reward_rises_with_bounded_kl(suite, name):
     run = suite[name]

@@ -70,6 +70,9 @@ class RLHFSection:
     gamma: float = 1.0
     lam: float = 0.95
     reward_clip: float | None = 10.0  # normalised reward-model scores clamped to +-this
+    # Subtracted from the (normalised, clipped) score of a response cut at max_new_tokens, i.e.
+    # one that ends without any of the tokenizer's stop tokens; null or 0: off.
+    missing_eos_penalty: float | None = None
     whiten_advantages: bool = True
     # An epoch stops early when approx_kl (policy vs rollout policy) exceeds factor x target_kl.
     approx_kl_stop_factor: float | None = 10.0
@@ -181,6 +184,8 @@ def validate_ppo(cfg: PPOConfig) -> None:
     _require(r.vf_clip_range is None or r.vf_clip_range > 0, "rlhf.vf_clip_range must be > 0 or null")
     _require(0 <= r.gamma <= 1 and 0 <= r.lam <= 1, "rlhf.gamma and rlhf.lam must be in [0, 1]")
     _require(r.reward_clip is None or r.reward_clip > 0, "rlhf.reward_clip must be > 0 or null")
+    _require(r.missing_eos_penalty is None or r.missing_eos_penalty >= 0,
+             "rlhf.missing_eos_penalty must be >= 0 or null")
     _require(r.approx_kl_stop_factor is None or r.approx_kl_stop_factor > 0,
              "rlhf.approx_kl_stop_factor must be > 0 or null")
     _require(r.max_steps >= 1, "rlhf.max_steps must be >= 1")

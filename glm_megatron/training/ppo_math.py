@@ -209,6 +209,23 @@ def normalize_scores(raw: torch.Tensor, mean: float, std: float, clip: float | N
     return out if clip is None else out.clamp(-clip, clip)
 
 
+def ended_with_stop(responses: list, stop_ids) -> torch.Tensor:
+    """Per response: True when its last token is a stop token (it was not cut at the length cap)."""
+    stops = set(stop_ids)
+    return torch.tensor([bool(r) and r[-1] in stops for r in responses], dtype=torch.bool)
+
+
+def penalize_missing_stop(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """``scores - penalty`` where a response did not end with a stop token (TRL's
+    missing_eos_penalty): a reward model rarely saw truncated text, so its score there is
+    unreliable, and without this the policy is never told that rambling to the cap is bad."""
+    if not penalty:
+        return scores
+    if penalty < 0:
+        raise ValueError(f"penalize_missing_stop: penalty must be >= 0, got {penalty}")
+    return torch.where(ended.to(scores.device), scores, scores - float(penalty))
+
+
 # ----------------------------------------------------------------------------------------------
 # KL coefficient control
 

@@ -37,7 +37,14 @@ from .ppo_forward import (
     value_loss_step,
     value_step,
 )
-from .ppo_math import batch_repetition, normalize_scores, should_stop_epoch, token_rewards
+from .ppo_math import (
+    batch_repetition,
+    ended_with_stop,
+    normalize_scores,
+    penalize_missing_stop,
+    should_stop_epoch,
+    token_rewards,
+)
 from .ppo_models import Offloaded
 from .sampling import SamplingParams
 
@@ -92,7 +99,7 @@ class PPOStep:
         rows = list(range(n)) + [0] * (-n % self.micro)
         return [ro.select(rows[i:i + self.micro]) for i in range(0, len(rows), self.micro)]
 
-    def score(self, ro: Rollouts) -> dict:
+    def score(self, ro: Rollouts, stop_ids) -> dict:
         """Fill ``ro.fields`` (old_logprobs, values, advantages, returns, ...); returns the
         per-rollout raw numbers the metrics need."""
         m, r = self.m, self.r
@@ -111,6 +118,8 @@ class PPOStep:
         mask = ro.mask
         kl = kernels.kl_penalty(pol["logprobs"], ref["logprobs"], self.cfg.kl_type) * mask
         scores = normalize_scores(raw, self.reward_stats["mean"], self.reward_stats["std"], r.reward_clip)
+        scores = penalize_missing_stop(scores, ended_with_stop(ro.responses, stop_ids),
+                                       r.missing_eos_penalty)
         rewards = token_rewards(scores, kl, mask, self.kl_ctl.value)
         if r.vf_clip_range is not None:
             values = values.clamp(-r.vf_clip_range, r.vf_clip_range)
@@ -172,8 +181,7 @@ class PPOStep:
         """Global (all data-parallel ranks) statistics of one rollout batch."""
         mask = ro.mask
         lengths = mask.sum(1)
-        stops = set(stop_ids)
-        ended = sum(1 for s in ro.responses if s and s[-1] in stops)
+        ended = int(ended_with_stop(ro.responses, stop_ids).sum())
         local = torch.tensor([
             float(scored["scores"].sum()), float((scored["scores"] ** 2).sum()),
             float(scored["raw_scores"].sum()), float(scored["kl"].sum()), float(mask.sum()),
@@ -200,7 +208,7 @@ class PPOStep:
         t0 = time.perf_counter()
         ro = self.rollout(prompts, step_seed(self.r.seed, step, self.dp_rank))
         t1 = time.perf_counter()
-        scored = self.score(ro)
+        scored = self.score(ro, stop_ids)
         t2 = time.perf_counter()
         stats = self.rollout_stats(ro, scored, stop_ids)
         trained = self.update(ro, step)
@@ -219,7 +227,7 @@ class PPOStep:
     def validate(self, prompts: list, seed: int, stop_ids) -> tuple[dict, Rollouts]:
         """Mean normalised reward and KL of sampled responses to held-out prompts (no update)."""
         ro = self.rollout(prompts, seed)
-        scored = self.score(ro)
+        scored = self.score(ro, stop_ids)
         stats = self.rollout_stats(ro, scored, stop_ids)
         return {k: stats[k] for k in ("mean_reward", "reward_std", "raw_score", "kl_divergence",
                                       "response_length", "repetition", "stop_fraction")}, ro

@@ -78,6 +78,7 @@ def fused_terms(models, batch, hp) -> dict:
 def scenario_tp2(inputs: dict, out: str) -> dict:
     from glm_megatron.models.config import model_shape
     from glm_megatron.parallel import initialize_parallel, read_launch_env
+    from glm_megatron.training.ppo_data import build_rollouts
     from glm_megatron.training.ppo_math import kl_controller
     from glm_megatron.training.ppo_step import PPOStep
     from glm_megatron.training.ppo_trainer import build_models, prepare_ppo
@@ -98,21 +99,35 @@ def scenario_tp2(inputs: dict, out: str) -> dict:
                       pad_multiple(ctx.layout), kl_controller(0.05, None, 1))
     prompts = prep.prompts[:6]
     ro = stepper.rollout(prompts, seed=5, sampling=SamplingParams(greedy=True))
-    stepper.score(ro)
+    stop_ids = tok["stop_ids"]
+    stepper.score(ro, stop_ids)
     plain = {k: ro.fields[k].clone() for k in ("old_logprobs", "ref_logprobs", "scores", "old_values")}
     # Offload both frozen models, check their storage is gone, score again.
     models.reference_offload.enabled = models.reward_offload.enabled = True
     models.reference_offload.offload()
     models.reward_offload.offload()
     resident = models.reference_offload.resident_bytes() + models.reward_offload.resident_bytes()
-    stepper.score(ro)
+    stepper.score(ro, stop_ids)
     offloaded = {k: ro.fields[k] for k in plain}
     after = models.reference_offload.resident_bytes() + models.reward_offload.resident_bytes()
+    # missing_eos_penalty through the real scoring path, on both kinds of response: even ones
+    # made to end with a stop token, odd ones with their stop tokens removed (as if cut short).
+    stops = set(stop_ids)
+    cut = [(r[:-1] + [stop_ids[0]]) if i % 2 == 0 else ([t for t in r if t not in stops] or [p[-1]])
+           for i, (p, r) in enumerate(zip(prompts, ro.responses))]
+    ro_cut = build_rollouts(prompts, cut, tok["pad_id"], pad_multiple(ctx.layout))
+    stepper.score(ro_cut, stop_ids)
+    unpenalized = ro_cut.fields["scores"].clone()
+    stepper.r.missing_eos_penalty = 0.7
+    stepper.score(ro_cut, stop_ids)
+    stepper.r.missing_eos_penalty = None
     result = {
         "layout": ctx.layout.describe(),
         "resident_while_offloaded": resident, "resident_after_scoring": after,
         "offload_max_diff": max(float((plain[k] - offloaded[k]).abs().max()) for k in plain),
         "responses": ro.responses,
+        "eos_penalty_shift": (unpenalized - ro_cut.fields["scores"]).tolist(),
+        "eos_ended": [r[-1] in stops for r in cut],
     }
     # Loss terms: perturbed old log-probs so that the ratios and clipping are not trivial.
     gen_noise = torch.Generator().manual_seed(0)
