@@ -130,6 +130,27 @@ def test_prepare_rm_rejects_sft_data_and_too_many_frozen_layers(tmp_path):
         prepare_rm(cfg, 1)
 
 
+def test_prepare_names_the_layout_the_batch_and_the_eval_data(tmp_path):
+    """The checks SFT and RM share (training/prepare.py), through prepare_sft."""
+    from glm_megatron.data.dataset import DatasetWriter
+    from glm_megatron.training.sft import prepare_sft
+
+    sft = str(tmp_path / "sft")
+    w = DatasetWriter(sft, "sft", 512)
+    for _ in range(3):
+        w.add({"input_ids": np.array([1, 2, 3]), "loss_mask": np.array([0, 1, 1], dtype=np.uint8)}, 0, 1)
+    w.close({})
+    base = [*BASE, "model.preset=glm4-moe-tiny", f"data.train_data_path={sft}"]
+    prep = prepare_sft(load_config(None, [*base, "training.num_epochs=2"]), 1)
+    assert (prep.total_steps, prep.plan.global_batch_size, prep.resume_from) == (6, 1, None)
+    with pytest.raises(TrainConfigError, match="parallel: invalid parallel layout TP=2"):
+        prepare_sft(load_config(None, [*base, "parallel.tensor_model_parallel_size=2"]), 1)
+    with pytest.raises(TrainConfigError, match="3 training rows is less than one global batch [(]4[)]"):
+        prepare_sft(load_config(None, [*base, "training.gradient_accumulation_steps=4"]), 1)
+    with pytest.raises(TrainConfigError, match="eval_at_start needs validation data"):
+        prepare_sft(load_config(None, [*base, "evaluation.eval_at_start=true"]), 1)
+
+
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     from glm_megatron.data.tokenizer_training import train_sentencepiece

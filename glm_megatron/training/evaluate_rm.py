@@ -17,14 +17,11 @@ import json
 import os
 
 import numpy as np
-import torch
 
-from ..models.config import config_from_hf_dict, model_shape
-from ..parallel import LayoutError, ParallelLayout, read_launch_env, validate_layout
-from ..parallel.state import have_transformer_engine
-from .checkpointing import model_config_file, resolve_model_dir
+from ..models.config import model_shape
 from .config import TrainConfigError
 from .engine import ModelRunner
+from .prepare import evaluation_target
 from .reward_calibration import calibration_table, plot_calibration
 from .reward_data import PreferenceBatcher, open_preference_dataset
 from .reward_eval import normalization_stats, pair_metrics, score_pairs
@@ -100,22 +97,8 @@ class _Rows(list):
 
 
 def run(args, log=print) -> dict:
-    model_dir = resolve_model_dir(args.load, key="--load")
+    model_dir, glm, env, layout = evaluation_target(args)
     reward_info = read_reward_file(model_dir)
-    cfg_file = model_config_file(model_dir)
-    if cfg_file is None:
-        raise TrainConfigError(f"--load: {model_dir} has no model_config.json next to it")
-    with open(cfg_file, encoding="utf-8") as fh:
-        glm = config_from_hf_dict(json.load(fh), source=cfg_file)
-    env = read_launch_env()
-    layout = ParallelLayout(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                            expert_model_parallel_size=args.ep, sequence_parallel=args.tp > 1)
-    try:
-        layout = validate_layout(layout, env.world_size, model_shape(glm), training=False,
-                                 cuda=torch.cuda.is_available(),
-                                 have_transformer_engine=have_transformer_engine())
-    except LayoutError as err:
-        raise TrainConfigError(f"--tp/--pp/--ep: {err}") from None
     base = load_test_pairs(args.test_data, args.tokenizer_path or _training_tokenizer(model_dir),
                            glm.vocab_size)
     if len(base) == 0:

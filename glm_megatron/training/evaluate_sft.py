@@ -19,16 +19,13 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from ..models.config import config_from_hf_dict, model_shape
-from ..parallel import LayoutError, ParallelLayout, read_launch_env, validate_layout
-from ..parallel.state import have_transformer_engine
-from .checkpointing import model_config_file, resolve_model_dir
+from ..models.config import model_shape
 from .config import TrainConfigError
 from .engine import ModelRunner
 from .evaluation import evaluate_lm
 from .generation import greedy_generate
+from .prepare import evaluation_target
 from .sft import lm_forward_step, pad_multiple
 from .sft_data import SFTBatcher, Truncated, open_sft_dataset
 
@@ -82,21 +79,7 @@ def _tokenizer(args, dataset_manifest: dict | None):
 def run(args, log=print) -> dict:
     from ..data.encoding import EncodeOptions, encode_sft, encode_spans
 
-    model_dir = resolve_model_dir(args.load, key="--load")
-    cfg_file = model_config_file(model_dir)
-    if cfg_file is None:
-        raise TrainConfigError(f"--load: {model_dir} has no model_config.json next to it")
-    with open(cfg_file, encoding="utf-8") as fh:
-        glm = config_from_hf_dict(json.load(fh), source=cfg_file)
-    env = read_launch_env()
-    layout = ParallelLayout(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                            expert_model_parallel_size=args.ep, sequence_parallel=args.tp > 1)
-    try:
-        layout = validate_layout(layout, env.world_size, model_shape(glm), training=False,
-                                 cuda=torch.cuda.is_available(),
-                                 have_transformer_engine=have_transformer_engine())
-    except LayoutError as err:
-        raise TrainConfigError(f"--tp/--pp/--ep: {err}") from None
+    model_dir, glm, env, layout = evaluation_target(args)
 
     conversations, tok = None, None
     if os.path.isdir(args.test_data):

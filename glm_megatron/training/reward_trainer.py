@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
-
-import torch
+from dataclasses import replace
 
 from ..models.config import model_shape
 from ..models.reward_head import HEAD_KEY, attach_reward_heads
-from ..parallel import LayoutError, read_launch_env, validate_layout
-from ..parallel.state import have_transformer_engine
+from ..parallel import read_launch_env
 from . import checkpointing as ckpt
-from .config import BatchPlan, TrainConfigError, resolve_batch
+from .config import BatchPlan, TrainConfigError
 from .engine import Engine
 from .loop import StepBatch, TrainTask, run_loop
-from .model_setup import build_trained_model, resolve_glm_config
+from .model_setup import build_trained_model
+from .prepare import Prepared, finish_prepare, model_layout_plan
 from .reward_data import PreferenceBatcher, preference_splits
 from .reward_eval import normalization_stats, pair_metrics, score_pairs
 from .reward_loss import rm_forward_step
@@ -82,40 +80,15 @@ class RMTask(TrainTask):
                               f"{name} data, {len(rewards)} pairs", self.cfg.training.margin)
 
 
-@dataclass
-class Prepared:
-    glm: object
-    layout: object
-    plan: BatchPlan
-    train: object
-    val: object
-    total_steps: int
-    resume_from: str | None
-
-
 def prepare_rm(cfg, world_size: int) -> Prepared:
-    """All checks that need no process group; raises TrainConfigError / LayoutError."""
-    glm = resolve_glm_config(cfg.model)
-    layout = validate_layout(cfg.parallel.layout(), world_size, model_shape(glm), training=True,
-                             cuda=torch.cuda.is_available(),
-                             have_transformer_engine=have_transformer_engine())
-    plan = resolve_batch(cfg.training, layout.data_parallel_size(world_size))
+    """All checks that need no process group; raises TrainConfigError."""
+    glm, layout, plan = model_layout_plan(cfg, world_size)
     t = cfg.training
     if cfg.model.freeze_encoder_layers > glm.num_hidden_layers:
         raise TrainConfigError(f"model.freeze_encoder_layers: {cfg.model.freeze_encoder_layers} > "
                                f"the model's {glm.num_hidden_layers} layers")
     train, val = preference_splits(cfg.data, t.max_seq_length, glm.vocab_size, t.seed)
-    steps_per_epoch = len(train) // plan.global_batch_size
-    if steps_per_epoch == 0:
-        raise TrainConfigError(
-            f"data.train_data_path: {len(train)} preference pairs is less than one global batch "
-            f"({plan.global_batch_size}); lower training.global_batch_size")
-    total = t.max_steps if t.max_steps is not None else t.num_epochs * steps_per_epoch
-    if cfg.evaluation.eval_strategy != "no" and val is None and cfg.evaluation.eval_at_start:
-        raise TrainConfigError("evaluation.eval_at_start needs validation data "
-                               "(data.validation_data_path or data.validation_split)")
-    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.output_dir)
-    return Prepared(glm, layout, plan, train, val, total, resume_from)
+    return finish_prepare(cfg, glm, layout, plan, train, val, len(train), "preference pairs")
 
 
 def is_reward_checkpoint(model_dir: str) -> bool:
@@ -145,10 +118,7 @@ def run_rm(cfg, *, log=print):
     from ..parallel import initialize_parallel
 
     env = read_launch_env()
-    try:
-        prep = prepare_rm(cfg, env.world_size)
-    except LayoutError as err:
-        raise TrainConfigError(f"parallel: {err}") from None
+    prep = prepare_rm(cfg, env.world_size)
     ctx = initialize_parallel(prep.layout, model_shape(prep.glm), seed=cfg.training.seed, env=env)
     from megatron.core import parallel_state as ps
 

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 
 from ..models.config import model_shape
-from ..parallel import LayoutError, read_launch_env, validate_layout
-from ..parallel.state import have_transformer_engine
-from . import checkpointing as ckpt
-from .config import BatchPlan, TrainConfigError, resolve_batch
+from ..parallel import read_launch_env
+from .config import BatchPlan
 from .engine import Engine
 from .evaluation import evaluate_lm
 from .loop import StepBatch, TrainTask, run_loop
-from .model_setup import build_trained_model, resolve_glm_config
+from .model_setup import build_trained_model
+from .prepare import Prepared, finish_prepare, model_layout_plan
 from .sft_data import SFTBatcher, StepPlanner, sft_splits
 
 
@@ -74,26 +72,9 @@ class SFTTask(TrainTask):
                            ev.eval_batch_size or self.plan.micro_batch_size, ev.max_eval_samples)
 
 
-@dataclass
-class Prepared:
-    """Everything decided before any process group exists."""
-
-    glm: object
-    layout: object
-    plan: BatchPlan
-    train: object
-    val: object
-    total_steps: int
-    resume_from: str | None
-
-
 def prepare_sft(cfg, world_size: int) -> Prepared:
-    """All checks that need no process group; raises TrainConfigError / LayoutError."""
-    glm = resolve_glm_config(cfg.model)
-    layout = validate_layout(cfg.parallel.layout(), world_size, model_shape(glm), training=True,
-                             cuda=torch.cuda.is_available(),
-                             have_transformer_engine=have_transformer_engine())
-    plan = resolve_batch(cfg.training, layout.data_parallel_size(world_size))
+    """All checks that need no process group; raises TrainConfigError."""
+    glm, layout, plan = model_layout_plan(cfg, world_size)
     t = cfg.training
     train, val = sft_splits(cfg.data, t.max_seq_length, glm.vocab_size, t.seed)
     rows = len(train)
@@ -101,17 +82,7 @@ def prepare_sft(cfg, world_size: int) -> Prepared:
         from ..data.packing import plan_packs
 
         rows = len(plan_packs(list(np.asarray(train.lengths()) - 1), t.max_seq_length))
-    steps_per_epoch = rows // plan.global_batch_size
-    if steps_per_epoch == 0:
-        raise TrainConfigError(
-            f"data.train_data_path: {rows} training rows is less than one global batch "
-            f"({plan.global_batch_size}); lower training.global_batch_size")
-    total = t.max_steps if t.max_steps is not None else t.num_epochs * steps_per_epoch
-    if cfg.evaluation.eval_strategy != "no" and val is None and cfg.evaluation.eval_at_start:
-        raise TrainConfigError("evaluation.eval_at_start needs validation data "
-                               "(data.validation_data_path or data.validation_split)")
-    resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.output_dir)
-    return Prepared(glm, layout, plan, train, val, total, resume_from)
+    return finish_prepare(cfg, glm, layout, plan, train, val, rows, "training rows")
 
 
 def run_sft(cfg, *, log=print):
@@ -119,10 +90,7 @@ def run_sft(cfg, *, log=print):
     from ..parallel import initialize_parallel
 
     env = read_launch_env()
-    try:
-        prep = prepare_sft(cfg, env.world_size)
-    except LayoutError as err:
-        raise TrainConfigError(f"parallel: {err}") from None
+    prep = prepare_sft(cfg, env.world_size)
     ctx = initialize_parallel(prep.layout, model_shape(prep.glm), seed=cfg.training.seed, env=env)
     from megatron.core import parallel_state as ps
 
