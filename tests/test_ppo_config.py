@@ -109,6 +109,8 @@ def test_cli_refuses_missing_and_wrong_checkpoints_before_any_work(tmp_path):
     run = tmp_path / "lm" / "iter_0000001"
     (run / "model").mkdir(parents=True)
     (run / "model" / "metadata.json").write_text("{}")
+    (run / "model" / ".metadata").write_text("")
+    (run / "COMPLETE").write_text("")
     (run / "model_config.json").write_text(json.dumps(_tiny_hf()))
     proc = _cli("--config", str(cfg), f"rlhf.policy_model={run}", f"rlhf.reference_model={run}",
                 f"rlhf.reward_model={run}")

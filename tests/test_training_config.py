@@ -1,6 +1,7 @@
 """Trainer config: the seed's YAML loads as is; bad keys, types and combinations are clear
 errors naming the key, from the library and from the CLI (exit 2, no traceback)."""
 
+import os
 import subprocess
 import sys
 
@@ -176,6 +177,7 @@ def _fake_ckpt(root, step, complete=True):
     d = root / ckpt.iter_name(step)
     (d / "model").mkdir(parents=True)
     (d / "model" / "metadata.json").write_text("{}")
+    (d / "model" / ".metadata").write_text("")
     if complete:
         (d / ckpt.COMPLETE).write_text("")
     return d
@@ -204,6 +206,18 @@ def test_load_checkpoint_paths_resolve_to_the_weights(tmp_path):
         assert ckpt.resolve_model_dir(str(path)) == want
     with pytest.raises(TrainConfigError, match="model.load_checkpoint: .* no such directory"):
         ckpt.resolve_model_dir(str(tmp_path / "nope"))
+    # The run's latest names an incomplete checkpoint (killed while saving): refused, not skipped.
+    broken = _fake_ckpt(tmp_path, 6, complete=False)
+    ckpt.write_marker(str(tmp_path), "latest", broken.name)
+    with pytest.raises(TrainConfigError, match="incomplete .no COMPLETE marker"):
+        ckpt.resolve_model_dir(str(tmp_path))
+    os.remove(d / "model" / ".metadata")
+    with pytest.raises(TrainConfigError, match="incomplete .no .metadata file"):
+        ckpt.resolve_model_dir(str(d))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TrainConfigError, match="not a Megatron checkpoint"):
+        ckpt.resolve_model_dir(str(empty))
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():

@@ -7,9 +7,9 @@ Layout (what ``hf-to-megatron`` writes and what trainers accept as initial weigh
     O/glm_megatron.json                                      format, source, per-tensor HF dtypes
 
 A trainer checkpoint ``CKPT/iter_NNNNNNN/model`` is the same thing (its ``model_config.json`` may
-sit one level up, in ``iter_NNNNNNN``); :func:`resolve_weights_dir` accepts ``CKPT`` (via its
-``latest`` file), its ``best`` / ``latest`` marker files, an ``iter_*`` directory or the weights
-directory itself.
+sit one level up, in ``iter_NNNNNNN``); :func:`resolve_weights_dir` accepts what the trainers'
+``load_checkpoint`` accepts: ``CKPT`` (its ``latest``), its ``best`` / ``latest`` marker files,
+a complete ``iter_*`` directory or the weights directory itself.
 """
 
 from __future__ import annotations
@@ -25,34 +25,15 @@ CONFIG_FILE = "model_config.json"
 
 
 def resolve_weights_dir(path: str) -> str:
-    """The torch_dist weights directory behind a weights dir, iter dir or run directory."""
-    if os.path.isfile(path):
-        # A trainer's ``best`` / ``latest`` marker: a text file naming an iter dir beside it.
-        with open(path, encoding="utf-8") as fh:
-            target = fh.read().strip()
-        return resolve_weights_dir(os.path.join(os.path.dirname(path), target))
-    if not os.path.isdir(path):
-        raise ConfigError(f"{path}: no such checkpoint directory")
-    if os.path.normpath(path).endswith(".partial"):
-        raise ConfigError(f"{path}: an interrupted conversion's leftovers, not a checkpoint")
-    if os.path.exists(os.path.join(path, "metadata.json")):
-        weights = path
-    elif os.path.isdir(os.path.join(path, "model")):
-        if os.path.basename(os.path.normpath(path)).startswith("iter_") and not os.path.exists(
-            os.path.join(path, "COMPLETE")
-        ):
-            raise ConfigError(f"{path}: checkpoint is incomplete (no COMPLETE marker)")
-        weights = os.path.join(path, "model")
-    elif os.path.exists(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest"), encoding="utf-8") as fh:
-            return resolve_weights_dir(os.path.join(path, fh.read().strip()))
-    else:
-        raise ConfigError(
-            f"{path}: not a Megatron checkpoint (no metadata.json, model/ or latest file)"
-        )
-    if not os.path.exists(os.path.join(weights, ".metadata")):
-        raise ConfigError(f"{weights}: torch_dist checkpoint is incomplete (no .metadata file)")
-    return weights
+    """The torch_dist weights directory behind a weights dir, iter dir, marker or run directory:
+    the trainers' resolver (one set of accepted paths and errors), with ConfigError."""
+    from ..training.checkpointing import resolve_model_dir
+    from ..training.config import TrainConfigError
+
+    try:
+        return resolve_model_dir(path, key="--load")
+    except TrainConfigError as err:
+        raise ConfigError(str(err)) from None
 
 
 def read_model_config(weights_dir: str, hf_config_dir: str | None = None) -> GLMConfig:

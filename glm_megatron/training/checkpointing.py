@@ -78,21 +78,33 @@ def follow_marker(path: str) -> str:
 
 
 def resolve_model_dir(path: str, key: str = "model.load_checkpoint") -> str:
-    """Weights directory for ``path``: a weights dir itself, ``iter_x``, ``CKPT_DIR/best``,
-    ``CKPT_DIR/latest`` or a run's CKPT_DIR (its latest complete checkpoint)."""
+    """The torch_dist weights directory behind ``path``: a weights dir itself, an ``iter_x`` dir
+    (it must be COMPLETE), ``CKPT_DIR/best`` / ``CKPT_DIR/latest``, or a run's CKPT_DIR (the
+    checkpoint its ``latest`` names, else its newest complete one). Every command that loads
+    weights goes through here (trainers, evaluate-*, PPO's models, the converters), so all accept
+    the same paths and fail with the same errors, each naming ``key``."""
     path = follow_marker(path)
     if not os.path.exists(path):
         raise TrainConfigError(f"{key}: {path}: no such directory")
+    if os.path.normpath(path).endswith(".partial"):
+        raise TrainConfigError(f"{key}: {path}: an interrupted conversion's leftovers, not a checkpoint")
     if is_dist_checkpoint(path):
-        return path
-    if is_dist_checkpoint(os.path.join(path, "model")):
-        return os.path.join(path, "model")
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        return os.path.join(latest, "model")
-    raise TrainConfigError(
-        f"{key}: {path} is neither a torch_dist weights directory (metadata.json), a trainer "
-        "checkpoint (iter_x/model) nor a run directory with a complete checkpoint")
+        weights = path
+    elif is_dist_checkpoint(os.path.join(path, "model")):
+        if ITER_RE.match(os.path.basename(os.path.normpath(path))) and not is_complete(path):
+            raise TrainConfigError(f"{key}: {path}: checkpoint is incomplete (no COMPLETE marker)")
+        weights = os.path.join(path, "model")
+    else:
+        marker = os.path.join(path, LATEST)
+        latest = follow_marker(marker) if os.path.isfile(marker) else latest_checkpoint(path)
+        if latest is None:
+            raise TrainConfigError(
+                f"{key}: {path}: not a Megatron checkpoint (no metadata.json, no iter_x/model, and "
+                "no complete checkpoint of a run in it)")
+        return resolve_model_dir(latest, key)
+    if not os.path.exists(os.path.join(weights, ".metadata")):
+        raise TrainConfigError(f"{key}: {weights}: torch_dist checkpoint is incomplete (no .metadata file)")
+    return weights
 
 
 def model_config_file(model_dir: str) -> str | None:
