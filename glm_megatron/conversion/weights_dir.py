@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..models.config import ConfigError, GLMConfig, config_from_hf_dict, load_hf_config
+from ..models.config import ConfigError, GLMConfig, load_hf_config
 
 FORMAT = "glm_megatron.weights"
 INFO_FILE = "glm_megatron.json"
@@ -40,15 +40,14 @@ def read_model_config(weights_dir: str, hf_config_dir: str | None = None) -> GLM
     """The GLM config stored with the weights (or, if given, the one in ``hf_config_dir``)."""
     if hf_config_dir:
         return load_hf_config(hf_config_dir)
-    for folder in (weights_dir, os.path.dirname(os.path.normpath(weights_dir))):
-        file = os.path.join(folder, CONFIG_FILE)
-        if os.path.exists(file):
-            with open(file, encoding="utf-8") as fh:
-                return config_from_hf_dict(json.load(fh), source=file)
-    raise ConfigError(
-        f"{weights_dir}: no {CONFIG_FILE} next to the weights; pass --hf-config-dir with the "
-        "original model's config.json"
-    )
+    from ..training.checkpointing import checkpoint_model_config
+    from ..training.config import TrainConfigError
+
+    try:
+        return checkpoint_model_config(weights_dir, "--load",
+                                       "pass --hf-config-dir with the original model's config.json")
+    except TrainConfigError as err:
+        raise ConfigError(str(err)) from None
 
 
 def read_info(weights_dir: str) -> dict:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..models.checkpoint import is_dist_checkpoint, load_model_weights, save_model_weights
+from ..models.config import ConfigError, config_from_hf_dict
 from .config import TrainConfigError
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
@@ -113,6 +114,19 @@ def model_config_file(model_dir: str) -> str | None:
         if os.path.isfile(candidate):
             return candidate
     return None
+
+
+def checkpoint_model_config(model_dir: str, key: str, missing_hint: str):
+    """The GLMConfig saved with the weights (``model_config.json`` beside them or one level up);
+    errors name ``key``, and ``missing_hint`` says what to do when the file is absent."""
+    file = model_config_file(model_dir)
+    if file is None:
+        raise TrainConfigError(f"{key}: {model_dir} has no model_config.json beside it; {missing_hint}")
+    with open(file, encoding="utf-8") as fh:
+        try:
+            return config_from_hf_dict(json.load(fh), source=file)
+        except ConfigError as err:
+            raise TrainConfigError(f"{key}: {err}") from None
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:

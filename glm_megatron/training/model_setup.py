@@ -9,15 +9,14 @@ neither, the model is randomly initialised (tests, the demo).
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
 
 from ..models import get_preset, load_hf_config
-from ..models.config import ConfigError, GLMConfig, config_from_hf_dict
+from ..models.config import ConfigError, GLMConfig
 from ..models.loading import build_glm_model, load_hf_into_model
-from .checkpointing import model_config_file, resolve_model_dir
+from .checkpointing import checkpoint_model_config, resolve_model_dir
 from .config import ModelSection, TrainConfigError, TrainingSection
 from .optimizer import freeze_parameters
 
@@ -37,17 +36,8 @@ def resolve_glm_config(m: ModelSection) -> GLMConfig:
         key = "model.preset" if m.preset else ("model.hf_config" if m.hf_config else "model.hf_checkpoint")
         raise TrainConfigError(f"{key}: {err}") from None
     if m.load_checkpoint:
-        model_dir = resolve_model_dir(m.load_checkpoint)
-        file = model_config_file(model_dir)
-        if file is None:
-            raise TrainConfigError(
-                f"model.load_checkpoint: {m.load_checkpoint} has no model_config.json; set "
-                "model.preset or model.hf_config to describe the architecture")
-        with open(file, encoding="utf-8") as fh:
-            try:
-                return config_from_hf_dict(json.load(fh), source=file)
-            except ConfigError as err:
-                raise TrainConfigError(f"model.load_checkpoint: {err}") from None
+        return checkpoint_model_config(resolve_model_dir(m.load_checkpoint), "model.load_checkpoint",
+                                       "set model.preset or model.hf_config to describe the architecture")
     raise TrainConfigError("model: set one of model.preset, model.hf_config, model.hf_checkpoint "
                            "or model.load_checkpoint")
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from ..models.checkpoint import load_model_weights
-from ..models.config import ConfigError, GLMConfig, config_from_hf_dict, model_shape
+from ..models.config import GLMConfig, model_shape
 from ..models.loading import build_glm_model
 from ..models.policy_heads import attach_value_head
 from ..models.reward_head import attach_reward_heads
-from .checkpointing import model_config_file, resolve_model_dir
+from .checkpointing import checkpoint_model_config, resolve_model_dir
 from .config import TrainConfigError
 from .model_setup import params_dtype
 from .reward_trainer import REWARD_FILE, is_reward_checkpoint
@@ -36,15 +36,7 @@ class ModelSource:
 
 def resolve_source(path: str, key: str) -> ModelSource:
     weights = resolve_model_dir(path, key)
-    file = model_config_file(weights)
-    if file is None:
-        raise TrainConfigError(f"{key}: {path} has no model_config.json beside its weights; every "
-                               "trainer checkpoint and converted model has one")
-    with open(file, encoding="utf-8") as fh:
-        try:
-            glm = config_from_hf_dict(json.load(fh), source=file)
-        except ConfigError as err:
-            raise TrainConfigError(f"{key}: {err}") from None
+    glm = checkpoint_model_config(weights, key, "every trainer checkpoint and converted model has one")
     return ModelSource(key, weights, glm)
 
 

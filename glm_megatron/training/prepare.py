@@ -6,12 +6,11 @@ the model is built."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
 
-from ..models.config import config_from_hf_dict, model_shape
+from ..models.config import model_shape
 from ..parallel import LayoutError, ParallelLayout, read_launch_env, validate_layout
 from ..parallel.state import have_transformer_engine
 from . import checkpointing as ckpt
@@ -52,11 +51,7 @@ def evaluation_target(args):
     """(weights dir, GLM config, launch env, validated layout) of an evaluate-* command's
     ``--load`` and ``--tp/--pp/--ep``."""
     model_dir = ckpt.resolve_model_dir(args.load, key="--load")
-    cfg_file = ckpt.model_config_file(model_dir)
-    if cfg_file is None:
-        raise TrainConfigError(f"--load: {model_dir} has no model_config.json next to it")
-    with open(cfg_file, encoding="utf-8") as fh:
-        glm = config_from_hf_dict(json.load(fh), source=cfg_file)
+    glm = ckpt.checkpoint_model_config(model_dir, "--load", "every trainer checkpoint has one")
     env = read_launch_env()
     layout = ParallelLayout(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                             expert_model_parallel_size=args.ep, sequence_parallel=args.tp > 1)
