@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test bench lint demo demo-stages clean
+.PHONY: install test bench bench-gpu lint demo demo-stages clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ bench: install
 	$(PY) tools/bench_sft.py
 	$(PY) tools/bench_generation.py
 	$(PY) tools/bench_ppo.py
+
+# On a CUDA machine: the Triton kernels' TFLOP/s and GB/s against the device's peak.
+bench-gpu: install
+	$(PY) tools/bench_kernels_gpu.py
 
 lint: install
 	$(VENV)/bin/ruff check glm_megatron kernels tools tests
