@@ -70,6 +70,12 @@ def test_missing_eos_penalty_lowers_only_truncated_responses(suite):
         assert shift == pytest.approx(0.0 if stopped else 0.7, abs=1e-6)
 
 
+def test_reward_model_scores_other_stop_tokens_as_eos(suite):
+    run = suite["tp2"]
+    assert run["stop_as_eos_diff"] == 0.0  # same token ids reach the reward model
+    assert run["stop_as_eos_off_diff"] > 1e-4  # the option is what made them equal
+
+
 @pytest.mark.parametrize("name", ["learn_tp1", "learn_ep2"])
 def test_validation_reward_rises_with_bounded_kl(suite, name):
     run = suite[name]

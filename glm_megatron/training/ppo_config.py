@@ -73,6 +73,10 @@ class RLHFSection:
     # Subtracted from the (normalised, clipped) score of a response cut at max_new_tokens, i.e.
     # one that ends without any of the tokenizer's stop tokens; null or 0: off.
     missing_eos_penalty: float | None = None
+    # The reward model scores a response that ended on another stop token (<|user|>,
+    # <|observation|>) as if it had ended on <|endoftext|>, the token its training sequences end
+    # with; the policy's log-probs keep the token it generated.
+    score_stops_as_eos: bool = True
     whiten_advantages: bool = True
     # An epoch stops early when approx_kl (policy vs rollout policy) exceeds factor x target_kl.
     approx_kl_stop_factor: float | None = 10.0

@@ -68,10 +68,11 @@ class PPOModels:
 
 class PPOStep:
     def __init__(self, cfg, models: PPOModels, generator, reward_stats: dict, plan,
-                 pad_id: int, pad_multiple: int, kl_ctl):
+                 pad_id: int, pad_multiple: int, kl_ctl, eos_id: int | None = None):
         self.cfg, self.r, self.m = cfg, cfg.rlhf, models
         self.generator, self.reward_stats, self.plan = generator, reward_stats, plan
         self.pad_id, self.pad_multiple, self.kl_ctl = pad_id, pad_multiple, kl_ctl
+        self.eos_id = eos_id
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_group = ps.get_data_parallel_group()
         r = cfg.rlhf
@@ -113,8 +114,11 @@ class PPOStep:
         with m.reference_offload:
             ref = _trim(score_logprobs(m.reference, mbs, r.temperature, m.reference_hidden_size,
                                        values=False), n)
+        rm_mbs = mbs
+        if r.score_stops_as_eos and self.eos_id is not None:
+            rm_mbs = [ending_with(b, stop_ids, self.eos_id) for b in mbs]
         with m.reward_offload:
-            raw = _trim(collect(m.reward, mbs, reward_step, ("scores",)), n)["scores"]
+            raw = _trim(collect(m.reward, rm_mbs, reward_step, ("scores",)), n)["scores"]
         mask = ro.mask
         kl = kernels.kl_penalty(pol["logprobs"], ref["logprobs"], self.cfg.kl_type) * mask
         scores = normalize_scores(raw, self.reward_stats["mean"], self.reward_stats["std"], r.reward_clip)
@@ -231,6 +235,16 @@ class PPOStep:
         stats = self.rollout_stats(ro, scored, stop_ids)
         return {k: stats[k] for k in ("mean_reward", "reward_std", "raw_score", "kl_divergence",
                                       "response_length", "repetition", "stop_fraction")}, ro
+
+
+def ending_with(batch: dict, stop_ids, eos_id: int) -> dict:
+    """The micro-batch with each sequence's final stop token replaced by ``eos_id`` (a copy)."""
+    tokens = batch["tokens"].clone()
+    rows = torch.arange(tokens.shape[0])
+    last = batch["last_index"]
+    stopped = torch.isin(tokens[rows, last], torch.as_tensor(list(stop_ids), dtype=tokens.dtype))
+    tokens[rows[stopped], last[stopped]] = eos_id
+    return dict(batch, tokens=tokens)
 
 
 def _trim(found: dict, n: int) -> dict:

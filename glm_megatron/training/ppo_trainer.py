@@ -196,7 +196,7 @@ def run_ppo(cfg: PPOConfig, *, log=print) -> dict:
     generator = InEngineGenerator(models.policy.modules, stop_ids, pad_id=pad_id, device=ctx.device)
     kl_ctl = kl_controller(r.kl_coef, r.target_kl, r.kl_horizon)
     stepper = PPOStep(cfg, models, generator, prep.reward_stats, prep.plan, pad_id,
-                      pad_multiple(ctx.layout), kl_ctl)
+                      pad_multiple(ctx.layout), kl_ctl, eos_id=tok.get("eos_id"))
     dp_rank, dp = ps.get_data_parallel_rank(), prep.plan.data_parallel_size
     planner = PromptPlanner(len(prep.prompts), prep.plan.rollouts_per_rank, dp, r.seed, cfg.data.shuffle)
 

@@ -96,7 +96,7 @@ def scenario_tp2(inputs: dict, out: str) -> dict:
     tok = prep.tokenizer
     gen = InEngineGenerator(models.policy.modules, tok["stop_ids"], pad_id=tok["pad_id"], device=ctx.device)
     stepper = PPOStep(cfg, models, gen, prep.reward_stats, prep.plan, tok["pad_id"],
-                      pad_multiple(ctx.layout), kl_controller(0.05, None, 1))
+                      pad_multiple(ctx.layout), kl_controller(0.05, None, 1), eos_id=tok["eos_id"])
     prompts = prep.prompts[:6]
     ro = stepper.rollout(prompts, seed=5, sampling=SamplingParams(greedy=True))
     stop_ids = tok["stop_ids"]
@@ -121,6 +121,18 @@ def scenario_tp2(inputs: dict, out: str) -> dict:
     stepper.r.missing_eos_penalty = 0.7
     stepper.score(ro_cut, stop_ids)
     stepper.r.missing_eos_penalty = None
+    # score_stops_as_eos: a response ending on <|user|> scores exactly like the same one ending
+    # on <|endoftext|> (on by default), and differently with the option off.
+    eos = tok["eos_id"]
+    other = next(t for t in stop_ids if t != eos)
+    bodies = [[t for t in r if t not in stops] or [p[-1]] for p, r in zip(prompts, ro.responses)]
+    scores = {}
+    for name, end, on in (("eos", eos, True), ("other", other, True), ("other_off", other, False)):
+        stepper.r.score_stops_as_eos = on
+        ro_end = build_rollouts(prompts, [b + [end] for b in bodies], tok["pad_id"], pad_multiple(ctx.layout))
+        stepper.score(ro_end, stop_ids)
+        scores[name] = ro_end.fields["scores"].clone()
+    stepper.r.score_stops_as_eos = True
     result = {
         "layout": ctx.layout.describe(),
         "resident_while_offloaded": resident, "resident_after_scoring": after,
@@ -128,6 +140,8 @@ def scenario_tp2(inputs: dict, out: str) -> dict:
         "responses": ro.responses,
         "eos_penalty_shift": (unpenalized - ro_cut.fields["scores"]).tolist(),
         "eos_ended": [r[-1] in stops for r in cut],
+        "stop_as_eos_diff": float((scores["other"] - scores["eos"]).abs().max()),
+        "stop_as_eos_off_diff": float((scores["other_off"] - scores["eos"]).abs().max()),
     }
     # Loss terms: perturbed old log-probs so that the ratios and clipping are not trivial.
     gen_noise = torch.Generator().manual_seed(0)
