@@ -1,7 +1,7 @@
 """Run the Triton kernels and compare them with the references, on CPU under Triton's
 interpreter (`--device cpu`, TRITON_INTERPRET=1) or natively on a GPU (`--device cuda`).
 
-Run as a fresh process (tests/test_kernels_interpreter.py and tests/test_kernels_cuda.py do): the
+Run as a fresh process (tests/test_kernels_triton.py does, once per device): the
 interpreter must be chosen before triton decorates the kernels, which a pytest process that
 already imported triton cannot undo. Prints one JSON object: {check name: [passed, detail]}.
 """
