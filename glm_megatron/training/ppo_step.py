@@ -240,9 +240,10 @@ class PPOStep:
 def ending_with(batch: dict, stop_ids, eos_id: int) -> dict:
     """The micro-batch with each sequence's final stop token replaced by ``eos_id`` (a copy)."""
     tokens = batch["tokens"].clone()
-    rows = torch.arange(tokens.shape[0])
-    last = batch["last_index"]
-    stopped = torch.isin(tokens[rows, last], torch.as_tensor(list(stop_ids), dtype=tokens.dtype))
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    last = batch["last_index"].to(tokens.device)
+    stops = torch.as_tensor(list(stop_ids), dtype=tokens.dtype, device=tokens.device)
+    stopped = torch.isin(tokens[rows, last], stops)
     tokens[rows[stopped], last[stopped]] = eos_id
     return dict(batch, tokens=tokens)
 
