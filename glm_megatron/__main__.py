@@ -36,9 +36,9 @@ def _setup_logging() -> None:
 
 def _user_errors() -> tuple:
     from .data.errors import DataValidationError
+    from .engine.config import TrainConfigError
     from .models.config import ConfigError
     from .parallel import LaunchEnvError, LayoutError
-    from .training.config import TrainConfigError
 
     return (TrainConfigError, ConfigError, LayoutError, LaunchEnvError, DataValidationError)
 
@@ -50,20 +50,20 @@ def cmd_sft(argv) -> int:
                    help="'auto' (latest complete checkpoint in checkpoint.output_dir) or a path")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = p.parse_args(argv)
-    from .training.config import load_config
+    from .engine.config import load_config
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)
-    from .training.sft import run_sft
+    from .algorithms.sft.train import run_sft
 
     run_sft(cfg)
     return 0
 
 
 def cmd_evaluate_sft(argv) -> int:
-    from .training.evaluate_sft import parse_args, run
+    from .algorithms.sft.evaluate import parse_args, run
 
     run(parse_args(argv))
     return 0
@@ -79,19 +79,19 @@ def cmd_rm(argv) -> int:
                    help="'auto' (latest complete checkpoint in checkpoint.output_dir) or a path")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = p.parse_args(argv)
-    from .training.config import load_config
-    from .training.reward_config import RMConfig
+    from .algorithms.rm.config import RMConfig
+    from .engine.config import load_config
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides, schema=RMConfig)
-    from .training.reward_trainer import run_rm
+    from .algorithms.rm.train import run_rm
 
     run_rm(cfg)
     return 0
 
 
 def cmd_evaluate_rm(argv) -> int:
-    from .training.evaluate_rm import parse_args, run
+    from .algorithms.rm.evaluate import parse_args, run
 
     run(parse_args(argv))
     return 0
@@ -108,12 +108,12 @@ def cmd_ppo(argv) -> int:
                    help="'auto' (latest complete checkpoint in checkpoint.output_dir) or a path")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     args = p.parse_args(argv)
-    from .training.config import load_config
-    from .training.ppo_config import PPOConfig
+    from .algorithms.ppo.config import PPOConfig
+    from .engine.config import load_config
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides, schema=PPOConfig)
-    from .training.ppo_trainer import run_ppo
+    from .algorithms.ppo.train import run_ppo
 
     run_ppo(cfg)
     return 0

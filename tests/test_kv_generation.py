@@ -1,4 +1,4 @@
-"""KV-cache generation (glm_megatron.training.kv_generation) against full-recompute greedy decoding.
+"""KV-cache generation (glm_megatron.generation.kv_cache) against full-recompute greedy decoding.
 
 One torchrun launch (2 gloo ranks) runs TP=2 (+SP, as training builds it), EP=2 (DP=2, different
 prompts per rank), PP=2 and PP=2 with virtual stages; see tests/workers/generation_worker.py. The
@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from glm_megatron.training.sampling import SamplingParams, filter_logits, sample_tokens
+from glm_megatron.generation.sampling import SamplingParams, filter_logits, sample_tokens
 from helpers.launch import torchrun
 
 LAYOUTS = ["tp2", "ep2", "pp2", "pp2vpp2"]
@@ -153,7 +153,7 @@ def test_sampling_draws_from_the_filtered_distribution_and_follows_the_generator
 
 
 def test_generate_refuses_empty_prompts_before_any_collective():
-    from glm_megatron.training.kv_generation import generate
+    from glm_megatron.generation.kv_cache import generate
 
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate([torch.nn.Linear(1, 1)], [[5], []], max_new_tokens=4, stop_ids=[],

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from glm_megatron.training.config import TrainConfigError, load_config
-from glm_megatron.training.ppo_config import PPOConfig, resolve_ppo_batch
+from glm_megatron.algorithms.ppo.config import PPOConfig, resolve_ppo_batch
+from glm_megatron.engine.config import TrainConfigError, load_config
 from helpers.launch import REPO
 from helpers.launch import test_env as launch_env
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from glm_megatron.training.ppo_math import (
+from glm_megatron.algorithms.ppo.loss import (
     AdaptiveKLController,
     FixedKLController,
     batch_repetition,

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from glm_megatron.algorithms.rm.calibration import calibration_table, plot_calibration
+from glm_megatron.algorithms.rm.config import RMConfig
+from glm_megatron.algorithms.rm.data import build_inputs
+from glm_megatron.algorithms.rm.loss import pair_loss, ranking_loss
 from glm_megatron.data.encoding import EncodeOptions
 from glm_megatron.data.errors import DataValidationError
+from glm_megatron.engine.config import TrainConfigError, load_config
 from glm_megatron.models.reward_head import last_token_index, read_scores
-from glm_megatron.training.config import TrainConfigError, load_config
-from glm_megatron.training.reward_calibration import calibration_table, plot_calibration
-from glm_megatron.training.reward_config import RMConfig
-from glm_megatron.training.reward_data import build_inputs
-from glm_megatron.training.reward_loss import pair_loss, ranking_loss
 
 
 def _sigmoid(x):
@@ -113,8 +113,8 @@ def test_config_keys_of_the_seed_and_errors(tmp_path):
 
 
 def test_prepare_rm_rejects_sft_data_and_too_many_frozen_layers(tmp_path):
+    from glm_megatron.algorithms.rm.train import prepare_rm
     from glm_megatron.data.dataset import DatasetWriter
-    from glm_megatron.training.reward_trainer import prepare_rm
 
     sft = str(tmp_path / "sft")
     w = DatasetWriter(sft, "sft", 512)
@@ -132,8 +132,8 @@ def test_prepare_rm_rejects_sft_data_and_too_many_frozen_layers(tmp_path):
 
 def test_prepare_names_the_layout_the_batch_and_the_eval_data(tmp_path):
     """The checks SFT and RM share (training/prepare.py), through prepare_sft."""
+    from glm_megatron.algorithms.sft.train import prepare_sft
     from glm_megatron.data.dataset import DatasetWriter
-    from glm_megatron.training.sft import prepare_sft
 
     sft = str(tmp_path / "sft")
     w = DatasetWriter(sft, "sft", 512)
@@ -166,7 +166,7 @@ def tokenizer_dir(tmp_path_factory):
     ({"prompt": "Hi?", "chosen": "yes"}, "missing field 'rejected'"),
 ])
 def test_bad_preference_data_gets_the_pipelines_errors(tmp_path, tokenizer_dir, record, message):
-    from glm_megatron.training.evaluate_rm import load_test_pairs
+    from glm_megatron.algorithms.rm.evaluate import load_test_pairs
 
     bad = tmp_path / "bad.jsonl"
     good = {"prompt": "Describe the lamp.", "chosen": "bright kind", "rejected": "dull rude"}
@@ -200,10 +200,10 @@ def test_cli_bad_input_exits_2_with_error_line(tmp_path):
 
 def test_per_pair_margin_from_the_data_reaches_the_loss(tmp_path, tokenizer_dir):
     """A record's ``margin`` is stored per pair and used; records without one get the config's."""
+    from glm_megatron.algorithms.rm.data import PreferenceBatcher
     from glm_megatron.data.dataset import TokenizedDataset
     from glm_megatron.data.tokenizer import load_tokenizer
     from glm_megatron.data.tokenizing import tokenize_files
-    from glm_megatron.training.reward_data import PreferenceBatcher
 
     src = tmp_path / "prefs.jsonl"
     records = [

@@ -5,8 +5,8 @@ import pytest
 import torch
 from workers.train_common import build_tiny_data
 
+from glm_megatron.algorithms.sft.data import SFTBatcher, Truncated, open_sft_dataset
 from glm_megatron.data.tokenizer import load_tokenizer
-from glm_megatron.training.sft_data import SFTBatcher, Truncated, open_sft_dataset
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def data(tmp_path_factory):
 
 def _masked_lm_loss(mask, per_token):
     # Imported lazily: training.sft pulls in Megatron.
-    from glm_megatron.training.sft import masked_lm_loss
+    from glm_megatron.algorithms.sft.train import masked_lm_loss
 
     return masked_lm_loss(mask, per_token)
 

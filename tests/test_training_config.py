@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from glm_megatron.training import checkpointing as ckpt
-from glm_megatron.training.config import TrainConfigError, load_config, resolve_batch
+from glm_megatron.engine import checkpointing as ckpt
+from glm_megatron.engine.config import TrainConfigError, load_config, resolve_batch
 from helpers.launch import REPO
 from helpers.launch import test_env as launch_env
 
@@ -223,8 +223,8 @@ def test_load_checkpoint_paths_resolve_to_the_weights(tmp_path):
 def test_lr_schedule_warmup_then_cosine_to_min():
     import torch
 
-    from glm_megatron.training.config import TrainingSection
-    from glm_megatron.training.lr_schedule import build_scheduler, current_lr
+    from glm_megatron.engine.config import TrainingSection
+    from glm_megatron.engine.lr_schedule import build_scheduler, current_lr
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     t = TrainingSection(learning_rate=1e-3, min_learning_rate=1e-4, warmup_ratio=0.1)

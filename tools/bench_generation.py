@@ -12,7 +12,7 @@ GPU is present):
   ``forward_logits`` (Megatron's forward-only schedule) and appends the argmax of the last
   position. This is the fair comparison: the same batching, no cache. (The per-prompt
   ``greedy_generate`` of the evaluation code is slower still: it is also unbatched.)
-* ours: ``glm_megatron.training.kv_generation.generate`` (Megatron's static KV cache, one prefill
+* ours: ``glm_megatron.generation.kv_cache.generate`` (Megatron's static KV cache, one prefill
   and then one token per step).
 
 No stop tokens, so both produce exactly ``--new-tokens`` per prompt; the tool asserts that the two
@@ -82,11 +82,11 @@ def main():
     import torch
 
     torch.set_num_threads(a.threads)
+    from glm_megatron.generation.kv_cache import SamplingParams, generate
     from glm_megatron.models import get_preset
     from glm_megatron.models.config import model_shape
     from glm_megatron.models.loading import build_glm_model
     from glm_megatron.parallel import ParallelLayout, destroy_parallel, initialize_parallel
-    from glm_megatron.training.kv_generation import SamplingParams, generate
 
     cfg = get_preset(a.preset)
     ctx = initialize_parallel(ParallelLayout(), model_shape(cfg), seed=a.seed)

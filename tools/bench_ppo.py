@@ -41,13 +41,13 @@ def write_inputs(out: str, preset: str, n_prompts: int, seed: int) -> dict:
     and a tokenized prompts split. Needs the parallel state of a world of one."""
     import torch
 
+    from glm_megatron.algorithms.rm.train import write_reward_file
     from glm_megatron.data.dataset import DatasetWriter
     from glm_megatron.models import get_preset
     from glm_megatron.models.checkpoint import save_model_weights
     from glm_megatron.models.loading import build_glm_model
     from glm_megatron.models.reward_head import attach_reward_heads
     from glm_megatron.parallel import ParallelLayout
-    from glm_megatron.training.reward_trainer import write_reward_file
 
     glm = get_preset(preset)
     layout = ParallelLayout()
@@ -86,12 +86,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from glm_megatron.algorithms.ppo.config import PPOConfig
+    from glm_megatron.algorithms.ppo.train import run_ppo
+    from glm_megatron.engine.config import load_config
     from glm_megatron.models import get_preset
     from glm_megatron.models.config import model_shape
     from glm_megatron.parallel import ParallelLayout, destroy_parallel, initialize_parallel
-    from glm_megatron.training.config import load_config
-    from glm_megatron.training.ppo_config import PPOConfig
-    from glm_megatron.training.ppo_trainer import run_ppo
 
     with tempfile.TemporaryDirectory() as tmp:
         initialize_parallel(ParallelLayout(), model_shape(get_preset(args.preset)), seed=0)

@@ -114,14 +114,14 @@ def setup_ours(spec: dict):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         os.environ.pop(var, None)
+    from glm_megatron.algorithms.sft.data import SFTBatcher
+    from glm_megatron.algorithms.sft.train import lm_forward_step
+    from glm_megatron.engine.config import ModelSection, TrainingSection
+    from glm_megatron.engine.engine import Engine
+    from glm_megatron.engine.model_setup import build_trained_model
     from glm_megatron.models import get_preset
     from glm_megatron.models.config import model_shape
     from glm_megatron.parallel import ParallelLayout, initialize_parallel
-    from glm_megatron.training.config import ModelSection, TrainingSection
-    from glm_megatron.training.engine import Engine
-    from glm_megatron.training.model_setup import build_trained_model
-    from glm_megatron.training.sft import lm_forward_step
-    from glm_megatron.training.sft_data import SFTBatcher
 
     glm = get_preset(spec["preset"])
     ctx = initialize_parallel(ParallelLayout(), model_shape(glm), seed=spec["seed"])
@@ -296,10 +296,10 @@ def token_fractions(n_rows: int, seq: int, batch: int, min_len: int, seed: int) 
     """(name, real, computed, rows) for padding to the batch max, to max_seq_length, and packing."""
     import torch
 
+    from glm_megatron.algorithms.sft.data import SFTBatcher
     from glm_megatron.data.collate import collate_sft
     from glm_megatron.data.packing import PackedSFTDataset, collate_packed
     from glm_megatron.models import get_preset
-    from glm_megatron.training.sft_data import SFTBatcher
 
     glm = get_preset(PRESET)
     pad_id = glm.pad_token_id or 0

@@ -27,8 +27,8 @@ CONFIG_FILE = "model_config.json"
 def resolve_weights_dir(path: str) -> str:
     """The torch_dist weights directory behind a weights dir, iter dir, marker or run directory:
     the trainers' resolver (one set of accepted paths and errors), with ConfigError."""
-    from ..training.checkpointing import resolve_model_dir
-    from ..training.config import TrainConfigError
+    from ..engine.checkpointing import resolve_model_dir
+    from ..engine.config import TrainConfigError
 
     try:
         return resolve_model_dir(path, key="--load")
@@ -40,8 +40,8 @@ def read_model_config(weights_dir: str, hf_config_dir: str | None = None) -> GLM
     """The GLM config stored with the weights (or, if given, the one in ``hf_config_dir``)."""
     if hf_config_dir:
         return load_hf_config(hf_config_dir)
-    from ..training.checkpointing import checkpoint_model_config
-    from ..training.config import TrainConfigError
+    from ..engine.checkpointing import checkpoint_model_config
+    from ..engine.config import TrainConfigError
 
     try:
         return checkpoint_model_config(weights_dir, "--load",

@@ -24,13 +24,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from glm_megatron.generation.greedy import greedy_generate  # noqa: E402
+from glm_megatron.generation.kv_cache import SamplingParams, generate  # noqa: E402
+from glm_megatron.generation.rollout import InEngineGenerator  # noqa: E402
 from glm_megatron.models import get_preset  # noqa: E402
 from glm_megatron.models.config import model_shape  # noqa: E402
 from glm_megatron.models.loading import build_glm_model  # noqa: E402
 from glm_megatron.parallel import ParallelLayout, destroy_parallel, initialize_parallel  # noqa: E402
-from glm_megatron.training.generation import greedy_generate  # noqa: E402
-from glm_megatron.training.kv_generation import SamplingParams, generate  # noqa: E402
-from glm_megatron.training.rollout import InEngineGenerator  # noqa: E402
 
 LAYOUTS = {
     # sequence_parallel is implied for MoE + TP > 1 by validate_layout(training=True).

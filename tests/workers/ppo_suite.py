@@ -34,8 +34,8 @@ def _wait_file(path: str) -> None:
 def _config_file(cfg_dict: dict, name: str, out: str):
     from workers.train_common import write_config
 
-    from glm_megatron.training.config import load_config
-    from glm_megatron.training.ppo_config import PPOConfig
+    from glm_megatron.algorithms.ppo.config import PPOConfig
+    from glm_megatron.engine.config import load_config
 
     path = os.path.join(out, name + ".yaml")
     if int(os.environ["RANK"]) == 0:
@@ -47,8 +47,8 @@ def _config_file(cfg_dict: dict, name: str, out: str):
 
 def full_logits_terms(models, batch, hp) -> dict:
     """The loss terms from full-vocabulary logits (the oracle for the fused kernel)."""
+    from glm_megatron.algorithms.ppo.loss import masked_sum, policy_loss
     from glm_megatron.models.forward import forward_logits
-    from glm_megatron.training.ppo_math import masked_sum, policy_loss
 
     logits = forward_logits(models.policy.modules, batch["tokens"])
     if logits is None:
@@ -64,8 +64,8 @@ def full_logits_terms(models, batch, hp) -> dict:
 
 
 def fused_terms(models, batch, hp) -> dict:
+    from glm_megatron.algorithms.ppo.forward import REPORT_KEYS, ppo_loss_step
     from glm_megatron.models.policy_heads import hidden_output
-    from glm_megatron.training.ppo_forward import REPORT_KEYS, ppo_loss_step
 
     with hidden_output(models.policy.modules):
         reports = models.policy.eval_step([batch], ppo_loss_step(hp, models.hidden_size))
@@ -76,15 +76,15 @@ def fused_terms(models, batch, hp) -> dict:
 
 
 def scenario_tp2(inputs: dict, out: str) -> dict:
+    from glm_megatron.algorithms.ppo.data import build_rollouts
+    from glm_megatron.algorithms.ppo.loss import kl_controller
+    from glm_megatron.algorithms.ppo.step import PPOStep
+    from glm_megatron.algorithms.ppo.train import build_models, prepare_ppo
+    from glm_megatron.algorithms.sft.train import pad_multiple
+    from glm_megatron.generation.rollout import InEngineGenerator
+    from glm_megatron.generation.sampling import SamplingParams
     from glm_megatron.models.config import model_shape
     from glm_megatron.parallel import initialize_parallel, read_launch_env
-    from glm_megatron.training.ppo_data import build_rollouts
-    from glm_megatron.training.ppo_math import kl_controller
-    from glm_megatron.training.ppo_step import PPOStep
-    from glm_megatron.training.ppo_trainer import build_models, prepare_ppo
-    from glm_megatron.training.rollout import InEngineGenerator
-    from glm_megatron.training.sampling import SamplingParams
-    from glm_megatron.training.sft import pad_multiple
 
     cfg = _config_file(ppo_config(inputs, os.path.join(out, "tp2"),
                                   parallel={"tensor_model_parallel_size": 2,
@@ -154,7 +154,7 @@ def scenario_tp2(inputs: dict, out: str) -> dict:
 
 
 def scenario_learn(inputs: dict, out: str, name: str, parallel: dict, steps: int) -> dict:
-    from glm_megatron.training.ppo_trainer import run_ppo
+    from glm_megatron.algorithms.ppo.train import run_ppo
 
     run_dir = os.path.join(out, name)
     cfg = _config_file(ppo_config(inputs, run_dir, parallel=parallel,
@@ -168,7 +168,7 @@ def scenario_learn(inputs: dict, out: str, name: str, parallel: dict, steps: int
 
 def scenario_pp2_value_model(inputs: dict, out: str) -> dict:
     """PP=2 with a separate value model started from the reward checkpoint: two steps, saved."""
-    from glm_megatron.training.ppo_trainer import run_ppo
+    from glm_megatron.algorithms.ppo.train import run_ppo
 
     run_dir = os.path.join(out, "pp2_value")
     cfg = _config_file(ppo_config(

@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from workers.rm_common import rm_config  # noqa: E402
 from workers.train_suite import save_initial_weights  # noqa: E402
 
-from glm_megatron.training.config import build_section  # noqa: E402,I001
-from glm_megatron.training.reward_config import RMConfig  # noqa: E402
+from glm_megatron.algorithms.rm.config import RMConfig  # noqa: E402
+from glm_megatron.engine.config import build_section  # noqa: E402,I001
 
 LAYOUTS = {
     "tp1": {},
@@ -48,14 +48,14 @@ def padding_check(layout: dict, seqs: list, pad_id: int) -> dict:
     the last, padding position."""
     import torch
 
+    from glm_megatron.algorithms.rm.data import build_inputs
+    from glm_megatron.algorithms.rm.loss import rm_forward_step
+    from glm_megatron.engine.engine import ModelRunner
     from glm_megatron.models import get_preset
     from glm_megatron.models.config import model_shape
     from glm_megatron.models.loading import build_glm_model
     from glm_megatron.models.reward_head import attach_reward_heads
     from glm_megatron.parallel import ParallelLayout, initialize_parallel
-    from glm_megatron.training.engine import ModelRunner
-    from glm_megatron.training.reward_data import build_inputs
-    from glm_megatron.training.reward_loss import rm_forward_step
 
     glm = get_preset("glm4-moe-tiny")
     sp = layout.get("tensor_model_parallel_size", 1) > 1
@@ -101,9 +101,9 @@ def main():
     with open(args.data, encoding="utf-8") as fh:
         data = json.load(fh)
 
+    from glm_megatron.algorithms.rm.train import run_rm
     from glm_megatron.data.dataset import TokenizedDataset
     from glm_megatron.parallel import destroy_parallel
-    from glm_megatron.training.reward_trainer import run_rm
 
     results = {}
     init = os.path.join(args.out, "init")

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from workers.train_common import tiny_config  # noqa: E402
 
-from glm_megatron.training.config import SFTConfig, build_section  # noqa: E402,I001
+from glm_megatron.engine.config import SFTConfig, build_section  # noqa: E402,I001
 
 LAYOUTS = {
     "tp1": {},
@@ -87,8 +87,8 @@ def main():
     with open(args.data, encoding="utf-8") as fh:
         data = json.load(fh)
 
+    from glm_megatron.algorithms.sft.train import run_sft
     from glm_megatron.parallel import destroy_parallel
-    from glm_megatron.training.sft import run_sft
 
     results = {}
     save_initial_weights(os.path.join(args.out, "init"))

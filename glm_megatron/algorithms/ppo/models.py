@@ -16,15 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.checkpoint import load_model_weights
-from ..models.config import GLMConfig, model_shape
-from ..models.loading import build_glm_model
-from ..models.policy_heads import attach_value_head
-from ..models.reward_head import attach_reward_heads
-from .checkpointing import checkpoint_model_config, resolve_model_dir
-from .config import TrainConfigError
-from .model_setup import params_dtype
-from .reward_trainer import REWARD_FILE, is_reward_checkpoint
+from ...engine.checkpointing import checkpoint_model_config, resolve_model_dir
+from ...engine.config import TrainConfigError
+from ...engine.model_setup import params_dtype
+from ...models.checkpoint import load_model_weights
+from ...models.config import GLMConfig, model_shape
+from ...models.loading import build_glm_model
+from ...models.policy_heads import attach_value_head
+from ...models.reward_head import attach_reward_heads
+from ..rm.train import REWARD_FILE, is_reward_checkpoint
 
 
 @dataclass(frozen=True)

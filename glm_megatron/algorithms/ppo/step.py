@@ -25,10 +25,11 @@ from megatron.core import parallel_state as ps
 
 import kernels
 
-from ..models.policy_heads import hidden_output
-from .engine import Engine, sum_reports
-from .ppo_data import Rollouts, agree_length, build_rollouts
-from .ppo_forward import (
+from ...engine.engine import Engine, sum_reports
+from ...generation.sampling import SamplingParams
+from ...models.policy_heads import hidden_output
+from .data import Rollouts, agree_length, build_rollouts
+from .forward import (
     REPORT_KEYS,
     collect,
     ppo_loss_step,
@@ -37,7 +38,7 @@ from .ppo_forward import (
     value_loss_step,
     value_step,
 )
-from .ppo_math import (
+from .loss import (
     batch_repetition,
     ended_with_stop,
     normalize_scores,
@@ -45,8 +46,7 @@ from .ppo_math import (
     should_stop_epoch,
     token_rewards,
 )
-from .ppo_models import Offloaded
-from .sampling import SamplingParams
+from .models import Offloaded
 
 
 def step_seed(seed: int, step: int, dp_rank: int, purpose: int = 0) -> int:

@@ -12,8 +12,8 @@ import numpy as np
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from .reward_calibration import calibration_table
-from .reward_loss import ranking_loss, rm_forward_step
+from .calibration import calibration_table
+from .loss import ranking_loss, rm_forward_step
 
 
 def score_pairs(runner, batcher, batch_size: int, max_samples: int | None = None) -> np.ndarray:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..data.dataset import TokenizedDataset
-from ..data.errors import DataValidationError
-from .config import BatchPlan, TrainConfigError
-from .sft_data import StepPlanner
+from ...data.dataset import TokenizedDataset
+from ...data.errors import DataValidationError
+from ...engine.config import BatchPlan, TrainConfigError
+from ..sft.data import StepPlanner
 
 
 def open_prompts(path: str, key: str, vocab_size: int, max_prompt_length: int) -> tuple[list, int]:

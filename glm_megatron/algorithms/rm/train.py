@@ -15,20 +15,20 @@ import json
 import os
 from dataclasses import replace
 
-from ..models.config import model_shape
-from ..models.reward_head import HEAD_KEY, attach_reward_heads
-from ..parallel import read_launch_env
-from . import checkpointing as ckpt
-from .config import BatchPlan, TrainConfigError
-from .engine import Engine
-from .loop import StepBatch, TrainTask, run_loop
-from .model_setup import build_trained_model
-from .prepare import Prepared, finish_prepare, model_layout_plan
-from .reward_data import PreferenceBatcher, preference_splits
-from .reward_eval import normalization_stats, pair_metrics, score_pairs
-from .reward_loss import rm_forward_step
-from .sft import pad_multiple
-from .sft_data import StepPlanner
+from ...engine import checkpointing as ckpt
+from ...engine.config import BatchPlan, TrainConfigError
+from ...engine.engine import Engine
+from ...engine.loop import StepBatch, TrainTask, run_loop
+from ...engine.model_setup import build_trained_model
+from ...engine.prepare import Prepared, finish_prepare, model_layout_plan
+from ...models.config import model_shape
+from ...models.reward_head import HEAD_KEY, attach_reward_heads
+from ...parallel import read_launch_env
+from ..sft.data import StepPlanner
+from ..sft.train import pad_multiple
+from .data import PreferenceBatcher, preference_splits
+from .loss import rm_forward_step
+from .metrics import normalization_stats, pair_metrics, score_pairs
 
 REWARD_FILE = "reward_model.json"
 
@@ -104,7 +104,7 @@ def build_reward_model(glm, cfg, layout):
         chunks, tconfig, source = build_trained_model(glm, m, cfg.training, layout)
         attach_reward_heads(chunks, tconfig, seed=cfg.training.seed)
         return chunks, tconfig, source
-    from ..models.checkpoint import load_model_weights
+    from ...models.checkpoint import load_model_weights
 
     no_weights = replace(m, load_checkpoint=None, hf_checkpoint=None)
     chunks, tconfig, _ = build_trained_model(glm, no_weights, cfg.training, layout)
@@ -115,7 +115,7 @@ def build_reward_model(glm, cfg, layout):
 
 def run_rm(cfg, *, log=print):
     """Train; returns (loop result, engine, parallel context) on every rank."""
-    from ..parallel import initialize_parallel
+    from ...parallel import initialize_parallel
 
     env = read_launch_env()
     prep = prepare_rm(cfg, env.world_size)

@@ -25,9 +25,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 import kernels
 
-from ..models.policy_heads import hidden_output, lm_head_weight, split_value
-from ..models.reward_head import read_scores
-from .ppo_math import masked_sum, policy_loss, ppo_total_loss, value_loss
+from ...models.policy_heads import hidden_output, lm_head_weight, split_value
+from ...models.reward_head import read_scores
+from .loss import masked_sum, policy_loss, ppo_total_loss, value_loss
 
 IGNORE = -100
 # Sums reported by the loss: policy, value, entropy, approx KL, clipped (policy), clipped

@@ -13,7 +13,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..models.reward_head import read_scores
+from ...models.reward_head import read_scores
 
 
 def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin) -> torch.Tensor:

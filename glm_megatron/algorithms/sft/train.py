@@ -14,15 +14,15 @@ from functools import partial
 import numpy as np
 import torch
 
-from ..models.config import model_shape
-from ..parallel import read_launch_env
-from .config import BatchPlan
-from .engine import Engine
-from .evaluation import evaluate_lm
-from .loop import StepBatch, TrainTask, run_loop
-from .model_setup import build_trained_model
-from .prepare import Prepared, finish_prepare, model_layout_plan
-from .sft_data import SFTBatcher, StepPlanner, sft_splits
+from ...engine.config import BatchPlan
+from ...engine.engine import Engine
+from ...engine.loop import StepBatch, TrainTask, run_loop
+from ...engine.model_setup import build_trained_model
+from ...engine.prepare import Prepared, finish_prepare, model_layout_plan
+from ...models.config import model_shape
+from ...parallel import read_launch_env
+from .data import SFTBatcher, StepPlanner, sft_splits
+from .lm_eval import evaluate_lm
 
 
 def masked_lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -79,7 +79,7 @@ def prepare_sft(cfg, world_size: int) -> Prepared:
     train, val = sft_splits(cfg.data, t.max_seq_length, glm.vocab_size, t.seed)
     rows = len(train)
     if t.packing:
-        from ..data.packing import plan_packs
+        from ...data.packing import plan_packs
 
         rows = len(plan_packs(list(np.asarray(train.lengths()) - 1), t.max_seq_length))
     return finish_prepare(cfg, glm, layout, plan, train, val, rows, "training rows")
@@ -87,7 +87,7 @@ def prepare_sft(cfg, world_size: int) -> Prepared:
 
 def run_sft(cfg, *, log=print):
     """Train; returns the loop result (on every rank)."""
-    from ..parallel import initialize_parallel
+    from ...parallel import initialize_parallel
 
     env = read_launch_env()
     prep = prepare_sft(cfg, env.world_size)

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..data.collate import IGNORE_INDEX, collate_sft
-from ..data.dataset import TokenizedDataset
-from ..data.errors import DataValidationError
-from ..data.packing import PackedSFTDataset, packed_attention_mask
-from .config import BatchPlan, TrainConfigError
+from ...data.collate import IGNORE_INDEX, collate_sft
+from ...data.dataset import TokenizedDataset
+from ...data.errors import DataValidationError
+from ...data.packing import PackedSFTDataset, packed_attention_mask
+from ...engine.config import BatchPlan, TrainConfigError
 
 
 class Truncated(Sequence):

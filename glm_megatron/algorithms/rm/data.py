@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.dataset import TokenizedDataset
-from ..data.errors import DataValidationError
-from ..models.reward_head import last_token_index
-from .config import TrainConfigError
-from .sft_data import Truncated
+from ...data.dataset import TokenizedDataset
+from ...data.errors import DataValidationError
+from ...engine.config import TrainConfigError
+from ...models.reward_head import last_token_index
+from ..sft.data import Truncated
 
 
 def open_preference_dataset(path: str, key: str, vocab_size: int) -> TokenizedDataset:

@@ -20,14 +20,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..models.config import model_shape
-from .config import TrainConfigError
-from .engine import ModelRunner
-from .evaluation import evaluate_lm
-from .generation import greedy_generate
-from .prepare import evaluation_target
-from .sft import lm_forward_step, pad_multiple
-from .sft_data import SFTBatcher, Truncated, open_sft_dataset
+from ...engine.config import TrainConfigError
+from ...engine.engine import ModelRunner
+from ...engine.prepare import evaluation_target
+from ...generation.greedy import greedy_generate
+from ...models.config import model_shape
+from .data import SFTBatcher, Truncated, open_sft_dataset
+from .lm_eval import evaluate_lm
+from .train import lm_forward_step, pad_multiple
 
 
 def parse_args(argv=None):
@@ -62,13 +62,13 @@ class _InMemory(Sequence):
 
 
 def _load_conversations(path: str):
-    from ..data.readers import read_examples
+    from ...data.readers import read_examples
 
     return [ex for _, ex, _ in read_examples(path, "sft")]
 
 
 def _tokenizer(args, dataset_manifest: dict | None):
-    from ..data.tokenizer import load_tokenizer
+    from ...data.tokenizer import load_tokenizer
 
     path = args.tokenizer_path or ((dataset_manifest or {}).get("tokenizer") or {}).get("path")
     if not path:
@@ -77,7 +77,7 @@ def _tokenizer(args, dataset_manifest: dict | None):
 
 
 def run(args, log=print) -> dict:
-    from ..data.encoding import EncodeOptions, encode_sft, encode_spans
+    from ...data.encoding import EncodeOptions, encode_sft, encode_spans
 
     model_dir, glm, env, layout = evaluation_target(args)
 
@@ -96,9 +96,9 @@ def run(args, log=print) -> dict:
         raise TrainConfigError("--num-generations needs --test-data as a JSON/JSONL conversations "
                                "file (the references are its last assistant turns)")
 
-    from ..models.checkpoint import load_model_weights
-    from ..models.loading import build_glm_model
-    from ..parallel import initialize_parallel
+    from ...models.checkpoint import load_model_weights
+    from ...models.loading import build_glm_model
+    from ...parallel import initialize_parallel
 
     ctx = initialize_parallel(layout, model_shape(glm), training=False, env=env)
     chunks, _ = build_glm_model(glm, ctx.layout)
@@ -111,7 +111,7 @@ def run(args, log=print) -> dict:
               "layout": ctx.layout.describe(), **metrics}
 
     if args.num_generations:
-        from ..data.chat_template import render_spans
+        from ...data.chat_template import render_spans
 
         samples, correct = [], 0
         for conv in conversations[: args.num_generations]:

@@ -13,7 +13,7 @@ import math
 import numpy as np
 from megatron.core import parallel_state as ps
 
-from .engine import Engine, sum_reports
+from ...engine.engine import Engine, sum_reports
 
 
 def evaluate_lm(engine: Engine, batcher, forward_step, batch_size: int,

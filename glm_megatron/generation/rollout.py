@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from .kv_generation import generate
+from .kv_cache import generate
 from .sampling import SamplingParams
 
 __all__ = ["RolloutGenerator", "InEngineGenerator", "SamplingParams"]

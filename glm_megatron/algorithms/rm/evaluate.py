@@ -18,16 +18,16 @@ import os
 
 import numpy as np
 
-from ..models.config import model_shape
-from .config import TrainConfigError
-from .engine import ModelRunner
-from .prepare import evaluation_target
-from .reward_calibration import calibration_table, plot_calibration
-from .reward_data import PreferenceBatcher, open_preference_dataset
-from .reward_eval import normalization_stats, pair_metrics, score_pairs
-from .reward_trainer import REWARD_FILE
-from .sft import pad_multiple
-from .sft_data import Truncated
+from ...engine.config import TrainConfigError
+from ...engine.engine import ModelRunner
+from ...engine.prepare import evaluation_target
+from ...models.config import model_shape
+from ..sft.data import Truncated
+from ..sft.train import pad_multiple
+from .calibration import calibration_table, plot_calibration
+from .data import PreferenceBatcher, open_preference_dataset
+from .metrics import normalization_stats, pair_metrics, score_pairs
+from .train import REWARD_FILE
 
 
 def parse_args(argv=None):
@@ -76,10 +76,10 @@ def load_test_pairs(path: str, tokenizer_path: str | None, vocab_size: int):
         raise TrainConfigError(f"--test-data: {path}: no such file or directory")
     if not tokenizer_path:
         raise TrainConfigError("--tokenizer-path is needed for JSON/JSONL test data")
-    from ..data.encoding import EncodeOptions, encode_preference
-    from ..data.errors import DataValidationError
-    from ..data.readers import read_examples
-    from ..data.tokenizer import load_tokenizer
+    from ...data.encoding import EncodeOptions, encode_preference
+    from ...data.errors import DataValidationError
+    from ...data.readers import read_examples
+    from ...data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
     rows = []
@@ -107,10 +107,10 @@ def run(args, log=print) -> dict:
     data = Truncated(base, max_len)
     margin = reward_info.get("margin", 0.0) if args.margin is None else args.margin
 
-    from ..models.checkpoint import load_model_weights
-    from ..models.loading import build_glm_model
-    from ..models.reward_head import attach_reward_heads
-    from ..parallel import initialize_parallel
+    from ...models.checkpoint import load_model_weights
+    from ...models.loading import build_glm_model
+    from ...models.reward_head import attach_reward_heads
+    from ...parallel import initialize_parallel
 
     ctx = initialize_parallel(layout, model_shape(glm), training=False, env=env)
     chunks, tconfig = build_glm_model(glm, ctx.layout)

@@ -22,17 +22,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..models.config import model_shape
-from ..parallel import LayoutError, read_launch_env, validate_layout
-from ..parallel.state import have_transformer_engine
-from . import checkpointing as ckpt
-from .config import TrainConfigError
-from .engine import Engine
-from .metrics import RunLogger
-from .ppo_config import PPOConfig, ppo_save_interval, resolve_ppo_batch
-from .ppo_data import PromptPlanner, open_prompts, prompt_tokenizer_info
-from .ppo_math import kl_controller
-from .ppo_models import (
+from ...engine import checkpointing as ckpt
+from ...engine.config import TrainConfigError
+from ...engine.engine import Engine
+from ...engine.metrics import RunLogger
+from ...engine.signals import PreemptionFlag
+from ...generation.rollout import InEngineGenerator
+from ...models.config import model_shape
+from ...parallel import LayoutError, read_launch_env, validate_layout
+from ...parallel.state import have_transformer_engine
+from ..sft.train import pad_multiple
+from .config import PPOConfig, ppo_save_interval, resolve_ppo_batch
+from .data import PromptPlanner, open_prompts, prompt_tokenizer_info
+from .loss import kl_controller
+from .models import (
     Offloaded,
     build_frozen,
     build_policy,
@@ -41,10 +44,7 @@ from .ppo_models import (
     resolve_source,
     reward_normalization,
 )
-from .ppo_step import PPOModels, PPOStep, step_seed
-from .rollout import InEngineGenerator
-from .sft import pad_multiple
-from .signals import PreemptionFlag
+from .step import PPOModels, PPOStep, step_seed
 
 LOG_FILE = "ppo_log.jsonl"
 
@@ -137,7 +137,7 @@ def _load_tokenizer(info: dict):
     path = info.get("path")
     if not path:
         return None
-    from ..data.tokenizer import load_tokenizer
+    from ...data.tokenizer import load_tokenizer
 
     try:
         return load_tokenizer(path)
@@ -182,7 +182,7 @@ def run_ppo(cfg: PPOConfig, *, log=print) -> dict:
     """Train; returns {history, validation, reason, last_checkpoint, models} on every rank."""
     from megatron.core import parallel_state as ps
 
-    from ..parallel import initialize_parallel
+    from ...parallel import initialize_parallel
 
     env = read_launch_env()
     prep = prepare_ppo(cfg, env.world_size)

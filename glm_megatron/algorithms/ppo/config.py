@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import (
+from ...engine.config import (
     CheckpointSection,
     LoggingSection,
     ParallelSection,

@@ -1,0 +1,1 @@
+"""Reward-model training: scalar head, pairwise ranking loss, accuracy and calibration, ``evaluate-rm``."""

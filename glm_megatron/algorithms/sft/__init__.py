@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: loss on assistant tokens, LM evaluation, ``evaluate-sft``."""
