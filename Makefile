@@ -15,8 +15,9 @@ $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	# compat mode puts the checkout on sys.path, so new packages need no reinstall.
-	$(PY) -m pip install --quiet -e ".[test]" --config-settings editable_mode=compat
+	# Default (finder-based) editable install: it maps glm_kernels to kernels/glm_kernels/ (compat
+	# mode would only put the checkout on sys.path); new glm_megatron subpackages need no reinstall.
+	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
 test: install

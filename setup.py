@@ -6,7 +6,11 @@ setup(
     version="0.1.0",
     description="SFT, reward-model and PPO post-training of GLM-4.x MoE models on Megatron-Core",
     python_requires=">=3.10",
-    packages=find_packages(include=["glm_megatron", "glm_megatron.*", "kernels", "kernels.*"]),
+    # The kernels' source lives in kernels/glm_kernels/ and is the package `glm_kernels`: a
+    # top-level package named `kernels` would shadow Hugging Face's `kernels` (which transformers
+    # imports when it is installed) whenever the checkout is on sys.path.
+    packages=[*find_packages(include=["glm_megatron", "glm_megatron.*"]), "glm_kernels"],
+    package_dir={"glm_kernels": "kernels/glm_kernels"},
     install_requires=[
         # torch is deliberately unpinned beyond a floor so a cluster's CUDA build is kept; on a
         # CPU machine `make install` installs the CPU wheel torch==2.13.0 *first*, so this
@@ -25,13 +29,15 @@ setup(
         "einops",
         "packaging",
         "numpy",
-        "numba",  # single-pass CPU GAE kernel (kernels/_gae_numba.py), the CPU default of compute_gae
+        "numba",  # single-pass CPU GAE kernel (kernels/glm_kernels/gae_numba.py), CPU default of compute_gae
         "jinja2",
         "matplotlib",  # reward-model calibration plots (imported lazily, Agg backend)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "pytest-timeout", "ruff"],
+        # Hugging Face's `kernels` is installed so tests/test_kernels_package.py can show it and our
+        # glm_kernels side by side in one process (it needs no torch of its own).
+        "test": ["pytest", "pytest-timeout", "ruff", "kernels"],
     },
     entry_points={"console_scripts": ["glm-megatron=glm_megatron.__main__:main"]},
 )

@@ -15,12 +15,75 @@ checkpoint writers start ``multiprocessing`` workers.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 
 EXIT_BAD_INPUT = 2
+
+
+@dataclass(frozen=True)
+class TrainingCommand:
+    """A trainer: its config schema and its run function, as ``module:name`` (imported lazily so
+    ``--help`` and config errors cost no Megatron import)."""
+
+    description: str
+    config_help: str
+    schema: str
+    run: str
+
+
+@dataclass(frozen=True)
+class EvaluationCommand:
+    """An evaluator with its own argument parser: ``module`` has ``parse_args`` and ``run``."""
+
+    module: str
+
+
+COMMANDS = {
+    "sft": TrainingCommand("Supervised fine-tuning.", "YAML config (the seed's keys + parallel:)",
+                           "glm_megatron.algorithms.sft.config:SFTConfig",
+                           "glm_megatron.algorithms.sft.train:run_sft"),
+    "evaluate-sft": EvaluationCommand("glm_megatron.algorithms.sft.evaluate"),
+    "rm": TrainingCommand("Reward-model training.", "YAML config (the seed's keys + parallel:)",
+                          "glm_megatron.algorithms.rm.config:RMConfig",
+                          "glm_megatron.algorithms.rm.train:run_rm"),
+    "evaluate-rm": EvaluationCommand("glm_megatron.algorithms.rm.evaluate"),
+    "ppo": TrainingCommand("PPO RLHF.",
+                           "YAML config (the seed's training_rlhf_ppo.yaml keys + parallel:)",
+                           "glm_megatron.algorithms.ppo.config:PPOConfig",
+                           "glm_megatron.algorithms.ppo.train:run_ppo"),
+}
+
+
+def _resolve(ref: str):
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_training(name: str, command: TrainingCommand, argv) -> int:
+    """The one builder of every training command: --config, --resume, dotted overrides."""
+    p = argparse.ArgumentParser(prog=f"glm_megatron {name}", description=command.description)
+    p.add_argument("--config", required=True, help=command.config_help)
+    p.add_argument("--resume", default=None,
+                   help="'auto' (latest complete checkpoint in checkpoint.output_dir) or a path")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = p.parse_args(argv)
+    from .engine.config import load_config
+
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides, schema=_resolve(command.schema))
+    _resolve(command.run)(cfg)
+    return 0
+
+
+def run_evaluation(command: EvaluationCommand, argv) -> int:
+    module = importlib.import_module(command.module)
+    module.run(module.parse_args(argv))
+    return 0
 
 
 def _setup_logging() -> None:
@@ -43,95 +106,21 @@ def _user_errors() -> tuple:
     return (TrainConfigError, ConfigError, LayoutError, LaunchEnvError, DataValidationError)
 
 
-def cmd_sft(argv) -> int:
-    p = argparse.ArgumentParser(prog="glm_megatron sft", description="Supervised fine-tuning.")
-    p.add_argument("--config", required=True, help="YAML config (the seed's keys + parallel:)")
-    p.add_argument("--resume", default=None,
-                   help="'auto' (latest complete checkpoint in checkpoint.output_dir) or a path")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = p.parse_args(argv)
-    from .engine.config import load_config
-
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    cfg = load_config(args.config, overrides)
-    from .algorithms.sft.train import run_sft
-
-    run_sft(cfg)
-    return 0
-
-
-def cmd_evaluate_sft(argv) -> int:
-    from .algorithms.sft.evaluate import parse_args, run
-
-    run(parse_args(argv))
-    return 0
-
-
-# --- reward model (issue 7) -------------------------------------------------------------------
-
-
-def cmd_rm(argv) -> int:
-    p = argparse.ArgumentParser(prog="glm_megatron rm", description="Reward-model training.")
-    p.add_argument("--config", required=True, help="YAML config (the seed's keys + parallel:)")
-    p.add_argument("--resume", default=None,
-                   help="'auto' (latest complete checkpoint in checkpoint.output_dir) or a path")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = p.parse_args(argv)
-    from .algorithms.rm.config import RMConfig
-    from .engine.config import load_config
-
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(args.config, overrides, schema=RMConfig)
-    from .algorithms.rm.train import run_rm
-
-    run_rm(cfg)
-    return 0
-
-
-def cmd_evaluate_rm(argv) -> int:
-    from .algorithms.rm.evaluate import parse_args, run
-
-    run(parse_args(argv))
-    return 0
-
-
-# --- PPO (issue 8) ------------------------------------------------------------------------------
-
-
-def cmd_ppo(argv) -> int:
-    p = argparse.ArgumentParser(prog="glm_megatron ppo", description="PPO RLHF.")
-    p.add_argument("--config", required=True,
-                   help="YAML config (the seed's training_rlhf_ppo.yaml keys + parallel:)")
-    p.add_argument("--resume", default=None,
-                   help="'auto' (latest complete checkpoint in checkpoint.output_dir) or a path")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = p.parse_args(argv)
-    from .algorithms.ppo.config import PPOConfig
-    from .engine.config import load_config
-
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(args.config, overrides, schema=PPOConfig)
-    from .algorithms.ppo.train import run_ppo
-
-    run_ppo(cfg)
-    return 0
-
-
-COMMANDS = {"sft": cmd_sft, "evaluate-sft": cmd_evaluate_sft, "rm": cmd_rm,
-            "evaluate-rm": cmd_evaluate_rm, "ppo": cmd_ppo}
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m glm_megatron {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return EXIT_BAD_INPUT
     _setup_logging()
-    command, rest = argv[0], argv[1:]
+    from .parallel import install_cpu_support
+
+    install_cpu_support()  # no-op with CUDA; Megatron-Core on gloo ranks otherwise
+    name, rest = argv[0], argv[1:]
+    command = COMMANDS[name]
     try:
-        return COMMANDS[command](rest)
+        if isinstance(command, TrainingCommand):
+            return run_training(name, command, rest)
+        return run_evaluation(command, rest)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -112,6 +112,74 @@ def test_trainer_checkpoint_directories_are_resolved(converted, tmp_path):
     assert len(read_all_tensors(str(tmp_path / "hf"))) == 181
 
 
+@pytest.fixture(scope="module")
+def reward_run(converted, tmp_path_factory):
+    """A reward trainer's run directory on ``converted``'s trunk: ``iter_x/model`` holds the same
+    tensors with a [1, H] reward head as ``output_layer.weight``, ``iter_x`` its model_config.json,
+    reward_model.json (the trainer's writer) and COMPLETE, and ``latest`` names it."""
+    import torch.distributed.checkpoint as dcp
+
+    from glm_megatron.algorithms.rm.train import write_reward_file
+    from glm_megatron.conversion.dist_reader import TorchDistReader
+
+    reader = TorchDistReader(str(converted))
+    state = reader.load(sorted(reader.tensors))
+    hidden = state["output_layer.weight"].shape[1]
+    state["output_layer.weight"] = torch.randn(1, hidden, generator=torch.Generator().manual_seed(3))
+    run = tmp_path_factory.mktemp("rm_run")
+    iter_dir = run / "iter_0000003"
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(iter_dir / "model")), no_dist=True)
+    shutil.copy(converted / "metadata.json", iter_dir / "model" / "metadata.json")
+    shutil.copy(converted / "model_config.json", iter_dir / "model_config.json")
+    write_reward_file(str(iter_dir), hidden, {"mean": 0.25, "std": 1.5}, "test", 0.0)
+    (iter_dir / "COMPLETE").write_text("")
+    (run / "latest").write_text(iter_dir.name + "\n")
+    return run, state["output_layer.weight"]
+
+
+def test_reward_to_hf_writes_the_lm_trunk_and_the_score_head(reward_run, converted, tokenizer_dir,
+                                                             tmp_path):
+    run, head = reward_run
+    out = tmp_path / "rm_hf"
+    proc = run_tool(CONVERT, "reward-to-hf", "--load", str(run), "--output-dir", str(out),
+                    "--tokenizer-dir", str(tokenizer_dir), "--max-shard-size-gb", "0.0002")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}: reward model, 181 tensors in" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Glm4MoeForSequenceClassification"]
+    assert config["num_labels"] == 1
+    assert config["reward_normalization"]["mean"] == 0.25
+    assert config["reward_normalization"]["std"] == 1.5
+    assert (out / "tokenizer.json").exists()
+    rm = read_all_tensors(str(out))
+    assert "lm_head.weight" not in rm and torch.equal(rm["score.weight"], head)
+    # The trunk is bitwise what megatron-to-hf writes for the same checkpoint's LM.
+    proc = run_tool(CONVERT, "megatron-to-hf", "--load", str(converted), "--output-dir",
+                    str(tmp_path / "lm_hf"))
+    assert proc.returncode == 0, proc.stderr
+    lm = read_all_tensors(str(tmp_path / "lm_hf"))
+    assert sorted(set(rm) - {"score.weight"}) == sorted(set(lm) - {"lm_head.weight"})
+    for name, tensor in lm.items():
+        if name != "lm_head.weight":
+            assert torch.equal(rm[name], tensor), name
+    # The subcommand writes what the public function writes.
+    from glm_megatron.conversion.reward_export import export_reward_to_hf
+
+    summary = export_reward_to_hf(str(run), str(tmp_path / "rm_api"),
+                                  tokenizer_dir=str(tokenizer_dir), max_shard_bytes=int(0.0002 * 2**30))
+    assert summary["tensors"] == 181 and summary["shards"] > 1
+    api = read_all_tensors(str(tmp_path / "rm_api"))
+    assert sorted(api) == sorted(rm) and all(torch.equal(api[n], rm[n]) for n in rm)
+    assert json.loads((tmp_path / "rm_api" / "config.json").read_text()) == config
+    # transformers loads the trunk (the head and the MTP layer are not part of Glm4MoeModel).
+    from transformers import Glm4MoeModel
+
+    _, info = Glm4MoeModel.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"], info
+    assert [k for k in info["unexpected_keys"]
+            if "score" not in k and not k.startswith(("layers.4.", "model.layers.4."))] == [], info
+
+
 def test_interrupted_conversion_never_looks_complete(tmp_path):
     out = tmp_path / "out"
     tmp = output_dir.start(str(out))
@@ -214,3 +282,32 @@ def test_bad_megatron_checkpoints(converted, tiny_hf_dir, tmp_path):
     err = _convert_error("megatron-to-hf", "--load", str(converted), "--output-dir",
                          str(tmp_path / "o"), "--hf-config-dir", str(other))
     assert "is not part of the model config" in err or "shape mismatch" in err
+
+
+def test_bad_reward_exports(reward_run, converted, tmp_path):
+    run, _ = reward_run
+    out = str(tmp_path / "o")
+    err = _convert_error("reward-to-hf", "--load", str(converted), "--output-dir", out)
+    assert "not a reward-model checkpoint (no reward_model.json" in err and "megatron-to-hf" in err
+    err = _convert_error("reward-to-hf", "--load", str(tmp_path), "--output-dir", out)
+    assert "error: --load: " in err and "not a Megatron checkpoint" in err
+    # megatron-to-hf names the subcommand instead of failing on the head's shape.
+    err = _convert_error("megatron-to-hf", "--load", str(run), "--output-dir", out)
+    assert "is a reward model (reward_model.json beside it)" in err and "reward-to-hf" in err
+    # reward_model.json beside an LM's weights: the [V, H] output layer is not a reward head.
+    fake = tmp_path / "fake" / "iter_0000001"
+    shutil.copytree(converted, fake / "model")
+    shutil.copy(run / "iter_0000003" / "reward_model.json", fake / "reward_model.json")
+    (fake / "COMPLETE").write_text("")
+    err = _convert_error("reward-to-hf", "--load", str(fake), "--output-dir", out)
+    assert "no reward head output_layer.weight of shape (1, 64)" in err
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    err = _convert_error("reward-to-hf", "--load", str(run), "--output-dir", str(taken))
+    assert "exists and is not empty" in err
+    proc = run_tool(CONVERT, "reward-to-hf", "--load", str(run), "--output-dir", out,
+                    env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert proc.returncode == 2 and "runs in one process" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(out)

@@ -5,8 +5,8 @@ bad inputs."""
 import pytest
 import torch
 
-import kernels
-from kernels.reference import gae_reference
+import glm_kernels
+from glm_kernels.reference import gae_reference
 from tests.kernels_helpers.compare import assert_rel
 
 
@@ -27,7 +27,7 @@ CPU_BACKENDS = ["numba", "torch"]
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_matches_loop_random_masks(T, gamma, lam, backend):
     r, v, m = _rand((6, T), seed=T)
-    adv, ret = kernels.compute_gae(r, v, m, gamma, lam, backend=backend)
+    adv, ret = glm_kernels.compute_gae(r, v, m, gamma, lam, backend=backend)
     adv_ref, ret_ref = gae_reference(r, v, m, gamma, lam)
     assert adv.dtype == torch.float32
     assert_rel(adv, adv_ref, what="advantages")
@@ -40,7 +40,7 @@ def test_variable_lengths_right_padded(backend):
     r, v, _ = _rand((B, T), seed=1)
     lens = torch.tensor([0, 1, 2, 50, 299, 300, 128, 129, 17])
     m = torch.arange(T)[None] < lens[:, None]
-    adv, ret = kernels.compute_gae(r, v, m, 0.99, 0.95, backend=backend)
+    adv, ret = glm_kernels.compute_gae(r, v, m, 0.99, 0.95, backend=backend)
     adv_ref, ret_ref = gae_reference(r, v, m, 0.99, 0.95)
     assert_rel(adv, adv_ref)
     assert_rel(ret, ret_ref)
@@ -52,8 +52,8 @@ def test_variable_lengths_right_padded(backend):
 @pytest.mark.parametrize("T", [1, 7, 64, 65, 4097])
 @pytest.mark.parametrize("gamma,lam", [(0.99, 0.95), (1.0, 1.0), (0.3, 0.2), (0.9, 0.0)])
 def test_right_padded_fast_path_and_general_path(T, gamma, lam):
-    from kernels._gae_torch import gae_right_padded, gae_scan, right_padded
-    from kernels.gae import _next_valid
+    from glm_kernels.gae import next_valid
+    from glm_kernels.gae_torch import gae_right_padded, gae_scan, right_padded
 
     r, v, _ = _rand((5, T), seed=T)
     lens = torch.tensor([0, 1, T // 2, T - 1, T]).clamp(min=0)
@@ -62,14 +62,14 @@ def test_right_padded_fast_path_and_general_path(T, gamma, lam):
     adv_ref, ret_ref = gae_reference(r, v, m, gamma, lam)
     for adv, ret in (
         gae_right_padded(r, v, m.float(), gamma, lam),
-        gae_scan(r, v, m, _next_valid(m, None), gamma, lam),
+        gae_scan(r, v, m, next_valid(m, None), gamma, lam),
     ):
         assert_rel(adv, adv_ref, what="advantages")
         assert_rel(ret, ret_ref, what="returns")
 
 
 def test_right_padded_detection():
-    from kernels._gae_torch import right_padded
+    from glm_kernels.gae_torch import right_padded
 
     T = 5000  # large enough that position sums exceed 2^24 if the split were wrong
     m = torch.arange(T)[None] < torch.tensor([[0], [1], [T], [4999], [2500]])
@@ -92,13 +92,13 @@ def test_packed_segments_do_not_leak(backend):
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
     r, v, m = _rand((int(cu[-1]),), seed=2, p_hole=0.05)
     m[cu[1:-1] - 1] = True  # every segment's last step valid: a leak would show right there
-    adv, ret = kernels.compute_gae(r, v, m, 0.95, 0.9, cu_seqlens=cu, backend=backend)
+    adv, ret = glm_kernels.compute_gae(r, v, m, 0.95, 0.9, cu_seqlens=cu, backend=backend)
     adv_ref, ret_ref = gae_reference(r, v, m, 0.95, 0.9, cu_seqlens=cu)
     assert_rel(adv, adv_ref, what="packed advantages")
     assert_rel(ret, ret_ref, what="packed returns")
     # Same numbers as running each segment as its own row.
     s, e = int(cu[2]), int(cu[3])
-    row, _ = kernels.compute_gae(r[None, s:e], v[None, s:e], m[None, s:e], 0.95, 0.9, backend=backend)
+    row, _ = glm_kernels.compute_gae(r[None, s:e], v[None, s:e], m[None, s:e], 0.95, 0.9, backend=backend)
     assert_rel(adv[s:e], row[0])
 
 
@@ -106,7 +106,7 @@ def test_packed_segments_do_not_leak(backend):
 def test_long_sequence_stays_exact(backend):
     r, v, m = _rand((2, 8192), seed=3, p_hole=0.0)
     # no decay: errors would accumulate, not fade
-    adv, _ = kernels.compute_gae(r, v, m, 1.0, 1.0, backend=backend)
+    adv, _ = glm_kernels.compute_gae(r, v, m, 1.0, 1.0, backend=backend)
     adv_ref, _ = gae_reference(r, v, m, 1.0, 1.0)
     assert_rel(adv, adv_ref)
 
@@ -114,7 +114,7 @@ def test_long_sequence_stays_exact(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_whitening_option(backend):
     r, v, m = _rand((4, 50), seed=4)
-    adv, _ = kernels.compute_gae(r, v, m, 0.99, 0.95, whiten=True, backend=backend)
+    adv, _ = glm_kernels.compute_gae(r, v, m, 0.99, 0.95, whiten=True, backend=backend)
     raw, _ = gae_reference(r, v, m, 0.99, 0.95)
     sel = raw[m]
     want = torch.zeros_like(raw)
@@ -133,7 +133,7 @@ def test_fp64_stays_fp64(backend, layout):
     if layout == "packed":
         cu = torch.tensor([0, 300, 300, 1000, 1665])
         r, v, m = r.view(-1), v.view(-1), m.view(-1)
-    adv, ret = kernels.compute_gae(r, v, m, 0.999, 0.97, cu_seqlens=cu, backend=backend)
+    adv, ret = glm_kernels.compute_gae(r, v, m, 0.999, 0.97, cu_seqlens=cu, backend=backend)
     adv_ref, ret_ref = gae_reference(r, v, m, 0.999, 0.97, cu_seqlens=cu)
     assert adv.dtype == ret.dtype == torch.float64
     assert_rel(adv, adv_ref, tol=1e-12, what="fp64 advantages")  # fp32 arithmetic would miss this
@@ -147,7 +147,7 @@ def test_dtype_promotion_and_odd_layouts(backend):
     r16 = r.bfloat16()
     rt, vt, mt = r16.t().contiguous().t(), v.t().contiguous().t(), m.int().t().contiguous().t()
     assert not rt.is_contiguous()
-    adv, ret = kernels.compute_gae(rt, vt, mt, 0.9, 0.8, backend=backend)
+    adv, ret = glm_kernels.compute_gae(rt, vt, mt, 0.9, 0.8, backend=backend)
     adv_ref, ret_ref = gae_reference(r16.float(), v, m, 0.9, 0.8)
     assert adv.dtype == ret.dtype == torch.float32
     assert_rel(adv, adv_ref)
@@ -158,7 +158,7 @@ def test_masked_positions_exactly_zero_numba():
     r, v, m = _rand((3, 64), seed=7, p_hole=0.3)
     r[~m] = float("nan")  # garbage under the mask must not reach any output
     v[~m] = 1e30
-    adv, ret = kernels.compute_gae(r, v, m, 0.99, 0.95, backend="numba")
+    adv, ret = glm_kernels.compute_gae(r, v, m, 0.99, 0.95, backend="numba")
     assert torch.all(adv[~m] == 0) and torch.all(ret[~m] == 0)
     assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
     r0, v0 = r.where(m, 0.0), v.where(m, 0.0)
@@ -169,7 +169,7 @@ def test_masked_positions_exactly_zero_numba():
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_auto_on_cpu_is_numba(packed, monkeypatch):
-    import kernels._gae_numba as gn
+    import glm_kernels.gae_numba as gn
 
     r, v, m = _rand((4, 97), seed=8)
     cu = torch.tensor([0, 97, 200, 388]) if packed else None
@@ -178,9 +178,9 @@ def test_auto_on_cpu_is_numba(packed, monkeypatch):
     calls = []
     real = gn.gae_numba
     monkeypatch.setattr(gn, "gae_numba", lambda *a, **k: calls.append(1) or real(*a, **k))
-    auto = kernels.compute_gae(r, v, m, 0.99, 0.95, cu_seqlens=cu)
+    auto = glm_kernels.compute_gae(r, v, m, 0.99, 0.95, cu_seqlens=cu)
     assert calls, "backend='auto' on CPU did not run the numba kernel"
-    explicit = kernels.compute_gae(r, v, m, 0.99, 0.95, cu_seqlens=cu, backend="numba")
+    explicit = glm_kernels.compute_gae(r, v, m, 0.99, 0.95, cu_seqlens=cu, backend="numba")
     for a, b in zip(auto, explicit):
         assert torch.equal(a, b)
 
@@ -188,7 +188,7 @@ def test_auto_on_cpu_is_numba(packed, monkeypatch):
 def test_numba_refuses_non_cpu_tensors():
     r = torch.zeros(4, 5, device="meta")
     with pytest.raises(ValueError, match="numba.*CPU"):
-        kernels.compute_gae(r, r, None, 0.9, 0.9, backend="numba")
+        glm_kernels.compute_gae(r, r, None, 0.9, 0.9, backend="numba")
 
 
 @pytest.mark.parametrize(
@@ -231,9 +231,9 @@ def test_bad_inputs(kwargs, match):
     }
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        kernels.compute_gae(**args)
+        glm_kernels.compute_gae(**args)
 
 
 def test_whiten_rejects_empty_mask():
     with pytest.raises(ValueError, match="all zero"):
-        kernels.whiten_advantages(torch.randn(3, 4), torch.zeros(3, 4, dtype=torch.bool))
+        glm_kernels.whiten_advantages(torch.randn(3, 4), torch.zeros(3, 4, dtype=torch.bool))

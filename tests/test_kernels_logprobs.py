@@ -4,8 +4,8 @@ reference: values and gradients, every KL type, entropy, temperature, ignored la
 import pytest
 import torch
 
-import kernels
-from kernels.reference import token_logprobs_reference
+import glm_kernels
+from glm_kernels.reference import token_logprobs_reference
 from tests.kernels_helpers.compare import assert_rel
 from tests.kernels_helpers.logprob_case import make_case, weighted_loss
 
@@ -49,7 +49,7 @@ def test_hidden_level_matches_reference(kl, ent, temp, tile):
     want, gh_ref, gw_ref = _reference(hidden, weight, labels, ref, kl, ent, temp, weights)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    out = kernels.token_logprobs(
+    out = glm_kernels.token_logprobs(
         h,
         w,
         labels,
@@ -85,14 +85,14 @@ def test_logits_level_matches_reference(kl, ent, temp, tile):
     valid = labels != -100
     safe = torch.where(valid, labels, 0)
     lp = torch.where(valid, lsm.gather(-1, safe[:, None])[:, 0], 0.0)
-    ref_out = kernels.TokenLogProbs(
+    ref_out = glm_kernels.TokenLogProbs(
         lp,
-        None if kl is None else torch.where(valid, kernels.kl_penalty(lp, ref.double(), kl), 0.0),
+        None if kl is None else torch.where(valid, glm_kernels.kl_penalty(lp, ref.double(), kl), 0.0),
         torch.where(valid, -(lsm.exp() * lsm).sum(-1), 0.0) if ent else None,
     )
     (g_ref,) = torch.autograd.grad(weighted_loss(ref_out, weights), [logits64])
     logits = logits64.detach().float().requires_grad_()
-    out = kernels.logprobs_from_logits(
+    out = glm_kernels.logprobs_from_logits(
         logits,
         labels,
         temperature=temp,
@@ -111,7 +111,7 @@ def test_ignored_tokens_are_zero_and_get_no_gradient():
     hidden, weight, labels, ref, _ = make_case()
     labels[:5] = -100
     h = hidden.clone().requires_grad_()
-    out = kernels.token_logprobs(h, weight, labels, ref_logprobs=ref, kl_type="k3", return_entropy=True)
+    out = glm_kernels.token_logprobs(h, weight, labels, ref_logprobs=ref, kl_type="k3", return_entropy=True)
     for t in out:
         assert torch.all(t[:5] == 0)
     out.logprobs.sum().add(out.entropy.sum()).add(out.kl.sum()).backward()
@@ -122,7 +122,7 @@ def test_batched_leading_dims_and_custom_ignore_index():
     hidden, weight, labels, _, _ = make_case(n=12)
     labels = torch.where(labels == -100, torch.full_like(labels, 7), labels)
     labels[0] = 7
-    out = kernels.token_logprobs(hidden.view(3, 4, -1), weight, labels.view(3, 4), ignore_index=7)
+    out = glm_kernels.token_logprobs(hidden.view(3, 4, -1), weight, labels.view(3, 4), ignore_index=7)
     want = token_logprobs_reference(hidden, weight, labels, ignore_index=7)
     assert out.logprobs.shape == (3, 4)
     assert_rel(out.logprobs.view(-1), want.logprobs)
@@ -131,7 +131,7 @@ def test_batched_leading_dims_and_custom_ignore_index():
 
 def test_k3_is_clamped_and_its_gradient_stops_there():
     logp = torch.tensor([-30.0, -1.0], requires_grad=True)
-    kl = kernels.kl_penalty(logp, torch.tensor([0.0, -1.5]), "k3")
+    kl = glm_kernels.kl_penalty(logp, torch.tensor([0.0, -1.5]), "k3")
     assert kl[0].item() == 10.0
     kl.sum().backward()
     assert logp.grad[0].item() == 0.0 and logp.grad[1].item() != 0.0
@@ -160,11 +160,11 @@ def test_bad_inputs_raise_clear_errors(change, match, monkeypatch):
     args.update(change)
     w, lab = args.pop("weight"), args.pop("labels")
     with pytest.raises(ValueError, match=match):
-        kernels.token_logprobs(hidden, w, lab, **args)
+        glm_kernels.token_logprobs(hidden, w, lab, **args)
 
 
 def test_logits_level_bad_inputs():
     with pytest.raises(ValueError, match="labels shape"):
-        kernels.logprobs_from_logits(torch.randn(4, 10), torch.zeros(5, dtype=torch.long))
+        glm_kernels.logprobs_from_logits(torch.randn(4, 10), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        kernels.logprobs_from_logits(torch.randn(4, 10), torch.full((4,), -1))
+        glm_kernels.logprobs_from_logits(torch.randn(4, 10), torch.full((4,), -1))

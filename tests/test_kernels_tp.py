@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import kernels
+import glm_kernels
 from tests.kernels_helpers.compare import assert_rel
 from tests.kernels_helpers.dist import run_ranks
 from tests.kernels_helpers.logprob_case import make_case, weighted_loss
@@ -39,19 +39,19 @@ def _tp_rank(rank, world, tile):
     group = dist.group.WORLD
     h = hidden.clone().requires_grad_()
     w = _shard(weight, rank, world).clone().requires_grad_()
-    out = kernels.token_logprobs(
+    out = glm_kernels.token_logprobs(
         h, w, labels, tp_group=group, ref_logprobs=ref, tile_elems=tile, backend="torch", **KW
     )
     weighted_loss(out, weights).backward()
     logits = (hidden @ _shard(weight, rank, world).t()).requires_grad_()
-    lout = kernels.logprobs_from_logits(
+    lout = glm_kernels.logprobs_from_logits(
         logits, labels, tp_group=group, ref_logprobs=ref, tile_elems=tile, **KW
     )
     weighted_loss(lout, weights).backward()
     # The documented contract: route hidden through Megatron's region op (all-reduce in backward).
     ps.initialize_model_parallel(tensor_model_parallel_size=world)
     h2 = hidden.clone().requires_grad_()
-    out2 = kernels.token_logprobs(
+    out2 = glm_kernels.token_logprobs(
         copy_to_tensor_model_parallel_region(h2),
         w.detach(),
         labels,
@@ -75,10 +75,11 @@ def test_tp2_equals_tp1_on_concatenated_weight(ranks):
     hidden, weight, labels, ref, weights = make_case(seed=3)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    want = kernels.token_logprobs(h, w, labels, ref_logprobs=ref, backend="torch", **KW)
+    want = glm_kernels.token_logprobs(h, w, labels, ref_logprobs=ref, backend="torch", **KW)
     weighted_loss(want, weights).backward()
     logits = (hidden @ weight.t()).requires_grad_()
-    weighted_loss(kernels.logprobs_from_logits(logits, labels, ref_logprobs=ref, **KW), weights).backward()
+    lout = glm_kernels.logprobs_from_logits(logits, labels, ref_logprobs=ref, **KW)
+    weighted_loss(lout, weights).backward()
     tp = [r["tp"] for r in ranks]
     for r in tp:
         for name in ("out", "lout"):
@@ -97,14 +98,14 @@ def _whiten_rank(rank, world):
     adv = torch.randn(world * 3, 7, generator=g) * 4 + 2
     mask = torch.rand(world * 3, 7, generator=g) > 0.3
     rows = slice(rank * 3, rank * 3 + 3)
-    return kernels.whiten_advantages(adv[rows], mask[rows], group=dist.group.WORLD)
+    return glm_kernels.whiten_advantages(adv[rows], mask[rows], group=dist.group.WORLD)
 
 
 def test_whitening_across_dp_ranks_equals_whole_batch(ranks):
     g = torch.Generator().manual_seed(5)
     adv = torch.randn(6, 7, generator=g) * 4 + 2
     mask = torch.rand(6, 7, generator=g) > 0.3
-    want = kernels.whiten_advantages(adv, mask)
+    want = glm_kernels.whiten_advantages(adv, mask)
     got = torch.cat([r["whiten"] for r in ranks])
     assert_rel(got, want, what="DP whitening")
     sel = want[mask]

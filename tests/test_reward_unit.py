@@ -131,7 +131,7 @@ def test_prepare_rm_rejects_sft_data_and_too_many_frozen_layers(tmp_path):
 
 
 def test_prepare_names_the_layout_the_batch_and_the_eval_data(tmp_path):
-    """The checks SFT and RM share (training/prepare.py), through prepare_sft."""
+    """The checks SFT and RM share (glm_megatron/engine/prepare.py), through prepare_sft."""
     from glm_megatron.algorithms.sft.train import prepare_sft
     from glm_megatron.data.dataset import DatasetWriter
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from workers.train_common import build_tiny_data
 
-from glm_megatron.algorithms.sft.data import SFTBatcher, Truncated, open_sft_dataset
+from glm_megatron.algorithms.sft.data import SFTBatcher
 from glm_megatron.data.tokenizer import load_tokenizer
+from glm_megatron.engine.batching import Truncated, open_tokenized
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def data(tmp_path_factory):
 
 def _masked_lm_loss(mask, per_token):
     # Imported lazily: training.sft pulls in Megatron.
-    from glm_megatron.algorithms.sft.train import masked_lm_loss
+    from glm_megatron.algorithms.sft.loss import masked_lm_loss
 
     return masked_lm_loss(mask, per_token)
 
@@ -24,7 +25,7 @@ def _masked_lm_loss(mask, per_token):
 @pytest.mark.parametrize("packing", [False, True])
 def test_only_assistant_tokens_are_supervised(data, packing):
     tok = load_tokenizer(data["tokenizer"])
-    ds = Truncated(open_sft_dataset(data["train"], "data", 512), 65)
+    ds = Truncated(open_tokenized(data["train"], "data", "sft", 512), 65)
     batcher = SFTBatcher(ds, 64, tok.pad_id, 1, -100, packing, "cpu")
     rows = np.arange(4)
     batch = batcher.microbatch(rows, 64 if packing else batcher.step_length(rows))
@@ -55,7 +56,7 @@ def test_loss_ignores_unsupervised_positions():
 
 
 def test_packing_raises_the_real_token_fraction(data):
-    ds = Truncated(open_sft_dataset(data["train"], "data", 512), 65)
+    ds = Truncated(open_tokenized(data["train"], "data", "sft", 512), 65)
     padded = SFTBatcher(ds, 64, 0, 1, -100, False, "cpu")
     packed = SFTBatcher(ds, 256, 0, 1, -100, True, "cpu")
     rows = np.arange(len(padded))

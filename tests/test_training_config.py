@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from glm_megatron.engine import checkpointing as ckpt
-from glm_megatron.engine.config import TrainConfigError, load_config, resolve_batch
+from glm_megatron.engine.batching import resolve_batch
+from glm_megatron.engine.config import TrainConfigError, load_config
 from helpers.launch import REPO
 from helpers.launch import test_env as launch_env
 
@@ -146,7 +147,7 @@ def test_example_configs_load_and_their_layouts_fit(name):
     world = {"glm46_355b_sft.yaml": 512, "glm45_air_sft.yaml": 128}.get(name, 2)
     preset = {"glm46_355b_sft.yaml": "glm4.6-355b-a32b", "glm45_air_sft.yaml": "glm4.5-air-106b-a12b"}
     glm = get_preset(preset.get(name, "glm4-moe-tiny"))
-    layout = validate_layout(cfg.parallel.layout(), world, model_shape(glm), training=True,
+    layout = validate_layout(cfg.parallel, world, model_shape(glm), training=True,
                              cuda=True, have_transformer_engine=True)
     plan = resolve_batch(cfg.training, layout.data_parallel_size(world))
     assert plan.global_batch_size == cfg.training.global_batch_size

@@ -86,8 +86,14 @@ def main():
     from glm_megatron.models import get_preset
     from glm_megatron.models.config import model_shape
     from glm_megatron.models.loading import build_glm_model
-    from glm_megatron.parallel import ParallelLayout, destroy_parallel, initialize_parallel
+    from glm_megatron.parallel import (
+        ParallelLayout,
+        destroy_parallel,
+        initialize_parallel,
+        install_cpu_support,
+    )
 
+    install_cpu_support()
     cfg = get_preset(a.preset)
     ctx = initialize_parallel(ParallelLayout(), model_shape(cfg), seed=a.seed)
     chunks, _ = build_glm_model(cfg, ctx.layout)

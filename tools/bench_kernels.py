@@ -4,7 +4,7 @@
     python tools/bench_kernels.py --quick    # small shapes, seconds
 
 Log-prob + KL (k3) forward + backward, TP=1 and TP=2 (two gloo processes): ours
-(`kernels.token_logprobs` from hidden states) vs Megatron-Core's `vocab_parallel_cross_entropy`
+(`glm_kernels.token_logprobs` from hidden states) vs Megatron-Core's `vocab_parallel_cross_entropy`
 on materialised logits (hidden @ W.T, then the CE, as verl/slime/NeMo-RL do).
 
 Peak memory on CPU: tracemalloc does not see torch's allocations and torch keeps no CPU allocator
@@ -14,7 +14,7 @@ peak = VmHWM - RSS at reset - bytes of the weight gradient (which both paths mus
 torch buffers are mmap-backed, so RSS follows allocation closely. Time = best of `--reps` runs after
 that first one, in the same process.
 
-GAE: ours (`kernels.compute_gae`: numba on CPU, and its vectorised torch path) vs a
+GAE: ours (`glm_kernels.compute_gae`: numba on CPU, and its vectorised torch path) vs a
 per-timestep Python loop (verl/OpenRLHF/TRL style), a chunked-matmul scan (slime style) and the
 memory floor (cloning the same input bytes), each under two fixed glibc malloc policies (outputs
 on reused pages / on fresh pages; see MALLOC_POLICIES).
@@ -65,7 +65,7 @@ def _logprob_rank(rank, world, impl, n, h, v, reps, port, out):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    import kernels
+    import glm_kernels
 
     ps.initialize_model_parallel(tensor_model_parallel_size=world)
     group = ps.get_tensor_model_parallel_group()
@@ -81,12 +81,12 @@ def _logprob_rank(rank, world, impl, n, h, v, reps, port, out):
         hd = hidden.detach().requires_grad_()
         wt = weight.detach().requires_grad_()
         if impl == "fused":
-            out = kernels.token_logprobs(hd, wt, labels, tp_group=group, ref_logprobs=ref, kl_type="k3")
+            out = glm_kernels.token_logprobs(hd, wt, labels, tp_group=group, ref_logprobs=ref, kl_type="k3")
             logp, kl = out.logprobs, out.kl
         else:  # the peers' path: materialised logits, Megatron's vocab-parallel CE
             logits = hd @ wt.t()
             logp = -vocab_parallel_cross_entropy(logits, labels)
-            kl = kernels.kl_penalty(logp, ref, "k3")
+            kl = glm_kernels.kl_penalty(logp, ref, "k3")
         ((logp * w_lp).sum() + (kl * w_kl).sum()).backward()
         return logp.detach(), hd.grad, wt.grad
 
@@ -209,7 +209,7 @@ def _best(fn, reps):
     return min(ts)
 
 
-OURS_GAE = "ours (kernels.compute_gae: numba on CPU)"
+OURS_GAE = "ours (glm_kernels.compute_gae: numba on CPU)"
 FLOOR_GAE = "memory floor (clone inputs = same bytes)"
 SLIME_GAE = "slime-style chunked matmul scan"
 LOOP_GAE = "verl-style per-timestep python loop"
@@ -233,7 +233,7 @@ def bench_gae(a):
     """{policy: {row: seconds}} and the max |ours - loop|."""
     import torch
 
-    import kernels
+    import glm_kernels
 
     torch.set_num_threads(2)
     B, T = a.gae_b, a.gae_t
@@ -247,9 +247,9 @@ def bench_gae(a):
     for policy in MALLOC_POLICIES:
         _set_malloc_policy(policy)
         table[policy] = {
-            OURS_GAE: _best(lambda: kernels.compute_gae(r, v, m, 0.99, 0.95), a.reps * 3),
+            OURS_GAE: _best(lambda: glm_kernels.compute_gae(r, v, m, 0.99, 0.95), a.reps * 3),
             "ours, vectorised torch path (backend='torch')": _best(
-                lambda: kernels.compute_gae(r, v, m, 0.99, 0.95, backend="torch"), a.reps * 3
+                lambda: glm_kernels.compute_gae(r, v, m, 0.99, 0.95, backend="torch"), a.reps * 3
             ),
             SLIME_GAE: _best(lambda: gae_chunked_matmul(r, v, 0.99, 0.95), a.reps * 3),
             FLOOR_GAE: _best(lambda: (r.clone(), v.clone(), m.clone()), a.reps * 3),
@@ -259,7 +259,7 @@ def bench_gae(a):
     loop_time = time.perf_counter() - t0
     for rows in table.values():
         rows[LOOP_GAE] = loop_time
-    adv, _ = kernels.compute_gae(r, v, m, 0.99, 0.95)
+    adv, _ = glm_kernels.compute_gae(r, v, m, 0.99, 0.95)
     return table, float((adv - adv_loop).abs().max())
 
 
@@ -281,7 +281,7 @@ def report_gae(a):
 # ----------------------------------------------------------------------------- log-prob table
 LOGPROB_IMPLS = {
     "megatron": "Megatron vocab_parallel_cross_entropy",
-    "fused": "ours (kernels.token_logprobs)",
+    "fused": "ours (glm_kernels.token_logprobs)",
 }
 
 

@@ -4,14 +4,14 @@ with the materialised-logits path.
     python tools/bench_kernels_gpu.py                # N=16384 H=5120 V=151552/8 bf16; GAE 4096 x 8192
     python tools/bench_kernels_gpu.py --device cpu --quick   # the same code on CPU (smoke run)
 
-Log-prob + KL(k3) forward + backward of `kernels.token_logprobs` (Triton on CUDA) from bf16 hidden
+Log-prob + KL(k3) forward + backward of `glm_kernels.token_logprobs` (Triton on CUDA) from bf16 hidden
 states and this rank's vocab shard (GLM-4.6 at TP=8: V/8 = 18944 rows), against
 `hidden @ weight.T` then an fp32 cross-entropy on the materialised logits (what the peers do).
 TFLOP/s is reported two ways: *useful* counts the 3 GEMMs any implementation needs (forward,
 hidden and weight gradients: 6·N·H·V), *executed* adds the forward GEMM our backward repeats
 (8·N·H·V). Peak memory is torch.cuda.max_memory_allocated above the inputs.
 
-GAE: `kernels.compute_gae` (Triton scan) on fp32 [B, T] with a right-padded mask; bytes moved =
+GAE: `glm_kernels.compute_gae` (Triton scan) on fp32 [B, T] with a right-padded mask; bytes moved =
 r, v, mask read + advantages, returns written (17 per element), against the bytes a plain
 `clone()` of the inputs moves at the device's copy speed.
 
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels  # noqa: E402
+import glm_kernels  # noqa: E402
 
 # Dense bf16 tensor-core TFLOP/s and HBM GB/s (vendor datasheets), by device-name fragment; the
 # first fragment found in torch.cuda.get_device_name() wins, so the PCIe part precedes "H100".
@@ -98,18 +98,18 @@ def bench_logprob(a, device, peak_tflops):
 
     def ours():
         hd, wt = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-        out = kernels.token_logprobs(hd, wt, labels, ref_logprobs=ref - 10.0, kl_type="k3")
+        out = glm_kernels.token_logprobs(hd, wt, labels, ref_logprobs=ref - 10.0, kl_type="k3")
         ((out.logprobs * w_lp).sum() + (out.kl * w_kl).sum()).backward()
 
     def materialised():
         hd, wt = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
         logp = -torch.nn.functional.cross_entropy((hd @ wt.t()).float(), labels, reduction="none")
-        kl = kernels.kl_penalty(logp, ref - 10.0, "k3")
+        kl = glm_kernels.kl_penalty(logp, ref - 10.0, "k3")
         ((logp * w_lp).sum() + (kl * w_kl).sum()).backward()
 
     useful, executed = 6 * n * h * v, 8 * n * h * v
     print(f"# log-prob + KL(k3) fwd+bwd, N={n} H={h} V/TP={v} {str(dtype).replace('torch.', '')}")
-    for name, fn, flops in (("ours (kernels.token_logprobs)", ours, executed),
+    for name, fn, flops in (("ours (glm_kernels.token_logprobs)", ours, executed),
                             ("materialised logits + cross_entropy", materialised, useful)):
         t = best_time(fn, a.reps, device)
         extra = peak_extra_bytes(fn, device)
@@ -126,13 +126,13 @@ def bench_gae(a, device, peak_gbs):
     lens = torch.randint(t // 2, t + 1, (b,), generator=g)
     m = (torch.arange(t)[None] < lens[:, None]).to(device)
     moved = b * t * (4 + 4 + 1 + 4 + 4)
-    ours = best_time(lambda: kernels.compute_gae(r, v, m, 0.99, 0.95), a.reps * 3, device)
+    ours = best_time(lambda: glm_kernels.compute_gae(r, v, m, 0.99, 0.95), a.reps * 3, device)
     copy = best_time(lambda: (r.clone(), v.clone(), m.clone()), a.reps * 3, device)
     copied = 2 * b * t * (4 + 4 + 1)
     print(f"# GAE B={b} T={t} fp32, right-padded")
-    print(f"  ours (kernels.compute_gae) {ours * 1e3:9.3f} ms  {moved / ours / 1e9:8.1f} GB/s "
+    print(f"  ours (glm_kernels.compute_gae) {ours * 1e3:9.3f} ms  {moved / ours / 1e9:8.1f} GB/s "
           f"({_pct(moved / ours / 1e9, peak_gbs)} of HBM peak)")
-    print(f"  clone of the inputs        {copy * 1e3:9.3f} ms  {copied / copy / 1e9:8.1f} GB/s "
+    print(f"  clone of the inputs            {copy * 1e3:9.3f} ms  {copied / copy / 1e9:8.1f} GB/s "
           f"({_pct(copied / copy / 1e9, peak_gbs)} of HBM peak)")
 
 

@@ -91,8 +91,14 @@ def main() -> None:
     from glm_megatron.engine.config import load_config
     from glm_megatron.models import get_preset
     from glm_megatron.models.config import model_shape
-    from glm_megatron.parallel import ParallelLayout, destroy_parallel, initialize_parallel
+    from glm_megatron.parallel import (
+        ParallelLayout,
+        destroy_parallel,
+        initialize_parallel,
+        install_cpu_support,
+    )
 
+    install_cpu_support()
     with tempfile.TemporaryDirectory() as tmp:
         initialize_parallel(ParallelLayout(), model_shape(get_preset(args.preset)), seed=0)
         paths = write_inputs(tmp, args.preset, 4 * args.rollouts, seed=0)

@@ -1,10 +1,10 @@
 """SFT training throughput on CPU: our engine vs HF transformers, and padding vs packing.
 
-    python tools/bench_sft.py            # DESIGN.md §8 shape: batch 8 x seq 256, 2 threads, ~2 min
+    python tools/bench_sft.py            # docs/ARCHITECTURE.md §8 shape: batch 8 x seq 256, 2 threads, ~2 min
     python tools/bench_sft.py --quick    # 1 warmup + 4 timed steps per side, < 1 min
     python tools/bench_sft.py --profile 30   # also torch.profiler's top ops of one step per side
 
-Throughput (DESIGN.md §8): the tiny GLM-MoE (preset ``glm4-moe-small``: H=256, 4 layers, 8 experts
+Throughput (docs/ARCHITECTURE.md §8): the tiny GLM-MoE (preset ``glm4-moe-small``: H=256, 4 layers, 8 experts
 top-2, one shared expert), fp32, dropout 0, ``torch.set_num_threads(2)``, one optimizer step per
 global batch of 8 full-length rows of 256 positions (synthetic SFT rows: random token ids, loss on
 the "answer" part only, so both sides compute the same masked next-token loss).
@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PRESET = "glm4-moe-small"
-GOAL = 1.0  # DESIGN.md §8: ours >= 1.0x HF tokens/s
+GOAL = 1.0  # docs/ARCHITECTURE.md §8: ours >= 1.0x HF tokens/s
 # transformers' defaults (SDPA, grouped_mm experts) and the per-expert loop of transformers 4.x.
 DEFAULT_HF = "default,sdpa:eager"
 # The seed's SFT optimizer settings (TrainingSection defaults), a constant LR for the benchmark.
@@ -115,14 +115,15 @@ def setup_ours(spec: dict):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         os.environ.pop(var, None)
     from glm_megatron.algorithms.sft.data import SFTBatcher
-    from glm_megatron.algorithms.sft.train import lm_forward_step
+    from glm_megatron.algorithms.sft.loss import lm_forward_step
     from glm_megatron.engine.config import ModelSection, TrainingSection
     from glm_megatron.engine.engine import Engine
     from glm_megatron.engine.model_setup import build_trained_model
     from glm_megatron.models import get_preset
     from glm_megatron.models.config import model_shape
-    from glm_megatron.parallel import ParallelLayout, initialize_parallel
+    from glm_megatron.parallel import ParallelLayout, initialize_parallel, install_cpu_support
 
+    install_cpu_support()  # this worker's entry; the HF workers run without it
     glm = get_preset(spec["preset"])
     ctx = initialize_parallel(ParallelLayout(), model_shape(glm), seed=spec["seed"])
     t = TrainingSection(

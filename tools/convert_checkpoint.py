@@ -4,9 +4,12 @@
     python tools/convert_checkpoint.py hf-to-megatron --hf-dir D --output-dir O [--tp N --pp N --ep N]
     torchrun --nproc-per-node 8 tools/convert_checkpoint.py hf-to-megatron --hf-dir D --output-dir O --tp 8
     python tools/convert_checkpoint.py megatron-to-hf --load CKPT --output-dir D [--hf-config-dir D0]
+    python tools/convert_checkpoint.py reward-to-hf --load RM_CKPT --output-dir D [--tokenizer-dir T]
 
 The torch_dist checkpoint stores global tensors: it loads at any TP/PP/EP layout. The conversion
 layout only spreads the work and memory over the ranks (each reads only the tensors it needs).
+``reward-to-hf`` writes a reward model (``glm_megatron rm``) in HF's sequence-classification
+layout (``model.*`` + ``score.weight``); it runs in one process.
 Exit status: 0 done, 2 bad input (the message names the file, tensor or key).
 """
 
@@ -46,6 +49,16 @@ def parse_args(argv):
     b.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: as converted from)")
     b.add_argument("--max-shard-size-gb", type=float, default=5.0)
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    c = sub.add_parser("reward-to-hf",
+                       help="reward-model checkpoint -> HF sequence-classification directory")
+    c.add_argument("--load", required=True,
+                   help="reward run dir (uses 'latest'), its best / latest marker, iter_* or weights dir")
+    c.add_argument("--output-dir", required=True)
+    c.add_argument("--tokenizer-dir", help="tokenizer files to ship with the model")
+    c.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: as trained)")
+    c.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     return parser.parse_args(argv)
 
 
@@ -54,8 +67,9 @@ def hf_to_megatron(args) -> None:
 
     from glm_megatron.conversion.hf_to_megatron import convert_hf_to_megatron
     from glm_megatron.models import get_preset
-    from glm_megatron.parallel import ParallelLayout, destroy_parallel
+    from glm_megatron.parallel import ParallelLayout, destroy_parallel, install_cpu_support
 
+    install_cpu_support()  # builds Megatron's groups and model (megatron-to-hf needs neither)
     layout = ParallelLayout(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
         expert_model_parallel_size=args.ep, expert_tensor_parallel_size=args.etp,
@@ -100,17 +114,41 @@ def megatron_to_hf(args) -> None:
         dist.destroy_process_group()
 
 
+def reward_to_hf(args) -> None:
+    import torch
+
+    from glm_megatron.conversion.reward_export import export_reward_to_hf
+    from glm_megatron.models import ConfigError
+    from glm_megatron.parallel import read_launch_env
+
+    if read_launch_env().world_size > 1:
+        raise ConfigError("reward-to-hf runs in one process: start it with python, not torchrun")
+    summary = export_reward_to_hf(
+        args.load, args.output_dir, tokenizer_dir=args.tokenizer_dir,
+        dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+        max_shard_bytes=int(args.max_shard_size_gb * 2**30), overwrite=args.overwrite,
+    )
+    tok = ", tokenizer: " + " ".join(summary["tokenizer"]) if summary["tokenizer"] else ""
+    print(f"wrote {args.output_dir}: reward model, {summary['tensors']} tensors in "
+          f"{summary['shards']} shard(s), {summary['bytes'] / 2**30:.3f} GiB, MTP "
+          f"{'kept' if summary['mtp'] else 'absent'}{tok}, in {summary['seconds']:.1f} s")
+
+
+COMMANDS = {"hf-to-megatron": hf_to_megatron, "megatron-to-hf": megatron_to_hf,
+            "reward-to-hf": reward_to_hf}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
     from glm_megatron.data.errors import DataValidationError
     from glm_megatron.models import ConfigError
     from glm_megatron.models.hf_mapping import MappingError
-    from glm_megatron.parallel import LayoutError
+    from glm_megatron.parallel import LaunchEnvError, LayoutError
 
     try:
-        (hf_to_megatron if args.command == "hf-to-megatron" else megatron_to_hf)(args)
-    except (ConfigError, LayoutError, MappingError, DataValidationError) as err:
+        COMMANDS[args.command](args)
+    except (ConfigError, LayoutError, LaunchEnvError, MappingError, DataValidationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

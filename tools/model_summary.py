@@ -46,7 +46,9 @@ def main(argv=None) -> int:
         # Validate before importing Megatron-Core (seconds) so bad input answers at once.
         validate_layout(layout, args.world_size or minimal_world_size(layout), model_shape(cfg))
         from glm_megatron.models.summary import format_summary, summarize
+        from glm_megatron.parallel import install_cpu_support
 
+        install_cpu_support()
         summary = summarize(cfg, layout, world_size=args.world_size,
                             include_mtp=not args.no_mtp and cfg.num_nextn_predict_layers > 0)
     except (ConfigError, LayoutError) as err:

@@ -41,8 +41,14 @@ def main(argv=None) -> int:
     from glm_megatron.models import ConfigError
     from glm_megatron.models.hf_mapping import MappingError
     from glm_megatron.models.parity import run_parity
-    from glm_megatron.parallel import LayoutError, ParallelLayout, destroy_parallel
+    from glm_megatron.parallel import (
+        LayoutError,
+        ParallelLayout,
+        destroy_parallel,
+        install_cpu_support,
+    )
 
+    install_cpu_support()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     tolerance = args.max_abs_diff or (1e-3 if args.dtype == "fp32" else 0.5)
     layout = ParallelLayout(

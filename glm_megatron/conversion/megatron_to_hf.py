@@ -5,6 +5,10 @@ No Megatron model is built: global tensors are read from the checkpoint
 (``glm_megatron.models.hf_mapping.split``) and written as sharded safetensors with an index,
 ``config.json``, ``generation_config.json`` and, when a tokenizer is known, the tokenizer files
 with the GLM chat template. Under torchrun the output shards are divided between the ranks.
+
+Reward models (a ``reward_model.json`` beside the weights) are refused here: their
+``output_layer.weight`` is the [1, H] score head; :mod:`.reward_export` writes them, from the
+shard planning and tensor mapping of this module.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
+from ..models.checkpoint_dirs import REWARD_FILE, is_reward_checkpoint
 from ..models.config import ConfigError, GLMConfig
 from ..models.hf_layout import checkpoint_key_entries, expected_hf_tensors
 from ..models.hf_mapping import MappingError, hf_sources, split
@@ -35,8 +40,9 @@ def _unit(key: str) -> str:
     return match.group(1) if match else key
 
 
-def _plan_shards(reader: TorchDistReader, max_bytes: int) -> list[list[str]]:
-    """Group checkpoint keys (whole layers kept together) into output shards, in a fixed order."""
+def plan_shards(reader: TorchDistReader, max_bytes: int) -> list[list[str]]:
+    """The checkpoint keys to export (all but :data:`NOT_EXPORTED`), grouped into output shards
+    of about ``max_bytes`` (a decoder / MTP layer is never split), in a fixed order."""
     units: dict[str, list[str]] = {}
     for key in sorted(reader.tensors):
         if key in NOT_EXPORTED:
@@ -55,7 +61,14 @@ def _plan_shards(reader: TorchDistReader, max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def _to_hf(key: str, tensor: torch.Tensor, cfg: GLMConfig) -> dict[str, torch.Tensor]:
+def shard_names(count: int) -> list[str]:
+    """HF's safetensors shard file names: ``model-00001-of-0000N.safetensors``, ..."""
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def checkpoint_tensor_to_hf(key: str, tensor: torch.Tensor, cfg: GLMConfig) -> dict[str, torch.Tensor]:
+    """One global checkpoint tensor -> its HF tensors by name (a fused QKV or gate/up weight
+    splits into several, a stacked expert tensor into one per expert), by the shared mapping."""
     out = {}
     for name, expert in checkpoint_key_entries(key, tuple(tensor.shape)):
         try:
@@ -86,6 +99,9 @@ def convert_megatron_to_hf(
     start = time.time()
     output_dir.check_output_dir(out_dir, overwrite)
     weights = weights_dir.resolve_weights_dir(load)
+    if is_reward_checkpoint(weights):
+        raise ConfigError(f"--load: {weights} is a reward model ({REWARD_FILE} beside it), not a "
+                          "causal LM: export it with tools/convert_checkpoint.py reward-to-hf")
     cfg = weights_dir.read_model_config(weights, hf_config_dir)
     info = weights_dir.read_info(weights)
     reader = TorchDistReader(weights)
@@ -93,8 +109,8 @@ def convert_megatron_to_hf(
     expected = expected_hf_tensors(cfg, with_mtp=with_mtp)
     hf_dtypes = {n: _DTYPES[d] for n, d in info.get("hf_dtypes", {}).items()}
 
-    shards = _plan_shards(reader, max_shard_bytes)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    shards = plan_shards(reader, max_shard_bytes)
+    names = shard_names(len(shards))
     tmp = output_dir.partial_path(out_dir)
     if rank == 0:
         output_dir.start(out_dir)
@@ -104,15 +120,15 @@ def convert_megatron_to_hf(
     bar = _bar(progress and rank == 0, sum(len(s) for s in shards[rank::world_size]))
     for index in range(rank, len(shards), world_size):
         tensors = {}
-        for unit_keys in _group_by_unit(shards[index]):
+        for unit_keys in group_by_layer(shards[index]):
             loaded = reader.load(unit_keys)
             for key in unit_keys:
-                for hf_name, t in _to_hf(key, loaded.pop(key), cfg).items():
+                for hf_name, t in checkpoint_tensor_to_hf(key, loaded.pop(key), cfg).items():
                     target = dtype or hf_dtypes.get(hf_name) or t.dtype
                     tensors[hf_name] = t.to(target)
                 if bar is not None:
                     bar.update(1)
-        _check_shapes(tensors, expected, weights)
+        check_hf_shapes(tensors, expected, weights)
         save_file(tensors, os.path.join(tmp, names[index]), metadata={"format": "pt"})
         for hf_name, t in tensors.items():
             weight_map[hf_name] = names[index]
@@ -130,10 +146,7 @@ def convert_megatron_to_hf(
         if missing:
             raise ConfigError(f"{weights}: checkpoint lacks {len(missing)} tensor(s) of the config: "
                               f"{', '.join(missing[:20])}")
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
-            index = {"metadata": {"total_size": total_bytes},
-                     "weight_map": dict(sorted(weight_map.items()))}
-            json.dump(index, fh, indent=2)
+        write_index(tmp, weight_map, total_bytes)
         main_dtype = produced.get("model.embed_tokens.weight", "bfloat16")
         hf_export_files.write_config(tmp, cfg, main_dtype, hf_config_dir)
         tok = hf_export_files.find_tokenizer_dir(tokenizer_dir, hf_config_dir, info.get("source"))
@@ -148,20 +161,31 @@ def convert_megatron_to_hf(
     return summary
 
 
-def _group_by_unit(keys: list[str]) -> list[list[str]]:
+def group_by_layer(keys: list[str]) -> list[list[str]]:
+    """``keys`` in read groups: the keys of one decoder / MTP layer together, any other key
+    alone (reading a group at a time keeps memory at about one layer)."""
     groups: dict[str, list[str]] = {}
     for key in keys:
         groups.setdefault(_unit(key), []).append(key)
     return list(groups.values())
 
 
-def _check_shapes(tensors: dict, expected: dict, where: str) -> None:
+def check_hf_shapes(tensors: dict, expected: dict, where: str) -> None:
+    """ConfigError (naming ``where``) unless every HF tensor in ``tensors`` is one of
+    ``expected`` (name -> shape, ``models.hf_layout.expected_hf_tensors``) with its shape."""
     for name, t in tensors.items():
         if name not in expected:
             raise ConfigError(f"{where}: tensor {name} is not part of the model config")
         if tuple(t.shape) != expected[name]:
             raise ConfigError(f"{where}: shape mismatch: {name}: expected {expected[name]}, "
                               f"found {tuple(t.shape)}")
+
+
+def write_index(out_dir: str, weight_map: dict[str, str], total_bytes: int) -> None:
+    """``model.safetensors.index.json``: which shard holds each HF tensor, and the total size."""
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+        json.dump({"metadata": {"total_size": total_bytes},
+                   "weight_map": dict(sorted(weight_map.items()))}, fh, indent=2)
 
 
 def _write_part(tmp: str, rank: int, data: dict) -> None:

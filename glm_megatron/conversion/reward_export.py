@@ -1,6 +1,9 @@
 """A reward-model checkpoint -> an HF sequence-classification directory (``score`` head).
 
-    python -m glm_megatron.conversion.reward_export --load CKPT --output-dir D [--tokenizer-dir T]
+    python tools/convert_checkpoint.py reward-to-hf --load CKPT --output-dir D [--tokenizer-dir T]
+
+(``python -m glm_megatron.conversion.reward_export`` with the same flags, ``--dtype`` spelled
+``float32`` / ``bfloat16`` / ``float16``, still works.)
 
 The layout is transformers' ``*ForSequenceClassification`` one: the trunk under ``model.*``
 (exactly what ``megatron-to-hf`` writes for the LM, by the same shared mapping), no ``lm_head``,
@@ -17,32 +20,48 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 from safetensors.torch import save_file
 
+from ..models.checkpoint_dirs import REWARD_FILE, is_reward_checkpoint, reward_info_file
 from ..models.config import ConfigError
 from ..models.hf_layout import expected_hf_tensors
 from ..models.reward_head import HEAD_KEY
 from . import hf_export_files, output_dir, weights_dir
 from .dist_reader import TorchDistReader
-from .megatron_to_hf import DEFAULT_SHARD_BYTES, _check_shapes, _group_by_unit, _plan_shards, _to_hf
+from .megatron_to_hf import (
+    DEFAULT_SHARD_BYTES,
+    check_hf_shapes,
+    checkpoint_tensor_to_hf,
+    group_by_layer,
+    plan_shards,
+    shard_names,
+    write_index,
+)
 
-REWARD_FILE = "reward_model.json"  # written next to the weights by the reward trainer
+SCORE_KEY = "score.weight"  # the HF name of the reward head (models.reward_head.HEAD_KEY)
 
 
 def read_reward_info(weights: str) -> dict:
-    path = os.path.join(os.path.dirname(os.path.normpath(weights)), REWARD_FILE)
-    if not os.path.isfile(path):
+    """The ``reward_model.json`` of a reward checkpoint's weights directory; ConfigError when
+    there is none (an LM checkpoint)."""
+    if not is_reward_checkpoint(weights):
         raise ConfigError(f"{weights}: not a reward-model checkpoint (no {REWARD_FILE} next to it); "
                           "export LM checkpoints with tools/convert_checkpoint.py megatron-to-hf")
-    with open(path, encoding="utf-8") as fh:
+    with open(reward_info_file(weights), encoding="utf-8") as fh:
         return json.load(fh)
 
 
 def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = None,
                         dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                         overwrite: bool = False) -> dict:
+    """Write the HF sequence-classification directory of the reward model at ``load`` (a reward
+    run dir, its ``best`` / ``latest`` marker, an ``iter_*`` dir or its ``model/`` dir) to
+    ``out_dir``, atomically. ``dtype`` casts every tensor (default: as trained). Returns
+    ``{tensors, bytes, shards, mtp, tokenizer, seconds}``; bad input raises ConfigError."""
+    start = time.time()
     output_dir.check_output_dir(out_dir, overwrite)
     weights = weights_dir.resolve_weights_dir(load)
     info = read_reward_info(weights)
@@ -53,22 +72,22 @@ def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = 
     with_mtp = any(k.startswith("mtp.") for k in reader.tensors)
     expected = expected_hf_tensors(cfg, with_mtp=with_mtp)
     expected.pop("lm_head.weight", None)
-    expected["score.weight"] = (1, cfg.hidden_size)
+    expected[SCORE_KEY] = (1, cfg.hidden_size)
 
-    shards = _plan_shards(reader, max_shard_bytes)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    shards = plan_shards(reader, max_shard_bytes)
+    names = shard_names(len(shards))
     tmp = output_dir.start(out_dir)
     weight_map, total_bytes, main_dtype = {}, 0, None
     for index, shard in enumerate(shards):
         tensors = {}
-        for unit_keys in _group_by_unit(shard):
+        for unit_keys in group_by_layer(shard):
             loaded = reader.load(unit_keys)
             for key in unit_keys:
                 t = loaded.pop(key)
-                out = {"score.weight": t} if key == HEAD_KEY else _to_hf(key, t, cfg)
+                out = {SCORE_KEY: t} if key == HEAD_KEY else checkpoint_tensor_to_hf(key, t, cfg)
                 for hf_name, part in out.items():
                     tensors[hf_name] = part.contiguous().to(dtype or part.dtype)
-        _check_shapes(tensors, expected, weights)
+        check_hf_shapes(tensors, expected, weights)
         save_file(tensors, os.path.join(tmp, names[index]), metadata={"format": "pt"})
         for hf_name, t in tensors.items():
             weight_map[hf_name] = names[index]
@@ -78,9 +97,7 @@ def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = 
     missing = sorted(set(expected) - set(weight_map))
     if missing:
         raise ConfigError(f"{weights}: checkpoint lacks {len(missing)} tensor(s): {missing[:20]}")
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
-        json.dump({"metadata": {"total_size": total_bytes},
-                   "weight_map": dict(sorted(weight_map.items()))}, fh, indent=2)
+    write_index(tmp, weight_map, total_bytes)
     config = cfg.to_hf_dict()
     config.update(architectures=["Glm4MoeForSequenceClassification"], num_labels=1,
                   id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
@@ -93,7 +110,7 @@ def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = 
     copied = hf_export_files.copy_tokenizer(tok, tmp) if tok else []
     output_dir.finish(out_dir)
     return {"tensors": len(weight_map), "bytes": total_bytes, "shards": len(shards),
-            "tokenizer": copied}
+            "mtp": with_mtp, "tokenizer": copied, "seconds": time.time() - start}
 
 
 def main(argv=None) -> int:

@@ -17,37 +17,27 @@ from __future__ import annotations
 import json
 import os
 
-from ..models.config import ConfigError, GLMConfig, load_hf_config
+from ..models.checkpoint_dirs import MODEL_CONFIG_FILE, checkpoint_model_config, resolve_model_dir
+from ..models.config import GLMConfig, load_hf_config
 
 FORMAT = "glm_megatron.weights"
 INFO_FILE = "glm_megatron.json"
-CONFIG_FILE = "model_config.json"
+CONFIG_FILE = MODEL_CONFIG_FILE
 
 
 def resolve_weights_dir(path: str) -> str:
     """The torch_dist weights directory behind a weights dir, iter dir, marker or run directory:
-    the trainers' resolver (one set of accepted paths and errors), with ConfigError."""
-    from ..engine.checkpointing import resolve_model_dir
-    from ..engine.config import TrainConfigError
-
-    try:
-        return resolve_model_dir(path, key="--load")
-    except TrainConfigError as err:
-        raise ConfigError(str(err)) from None
+    the trainers' resolver (one set of accepted paths and errors), errors naming ``--load``
+    (a ``models.checkpoint_dirs.CheckpointError``, i.e. a ConfigError)."""
+    return resolve_model_dir(path, key="--load")
 
 
 def read_model_config(weights_dir: str, hf_config_dir: str | None = None) -> GLMConfig:
     """The GLM config stored with the weights (or, if given, the one in ``hf_config_dir``)."""
     if hf_config_dir:
         return load_hf_config(hf_config_dir)
-    from ..engine.checkpointing import checkpoint_model_config
-    from ..engine.config import TrainConfigError
-
-    try:
-        return checkpoint_model_config(weights_dir, "--load",
-                                       "pass --hf-config-dir with the original model's config.json")
-    except TrainConfigError as err:
-        raise ConfigError(str(err)) from None
+    return checkpoint_model_config(weights_dir, "--load",
+                                   "pass --hf-config-dir with the original model's config.json")
 
 
 def read_info(weights_dir: str) -> dict:

@@ -30,6 +30,6 @@ GLM_SPECIAL_TOKENS = (
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": OBSERVATION}
 STOP_TOKENS = (ENDOFTEXT, USER, OBSERVATION)
 
-# Ids in the real GLM-4.5/4.6 tokenizer (DESIGN.md §5); tests of a user-supplied tokenizer.json
+# Ids in the real GLM-4.5/4.6 tokenizer (docs/ARCHITECTURE.md §6); tests of a user-supplied tokenizer.json
 # can check them, nothing else hard-codes them.
 KNOWN_GLM45_IDS = {ENDOFTEXT: 151329, GMASK: 151331, USER: 151336, OBSERVATION: 151338}

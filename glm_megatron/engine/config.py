@@ -4,11 +4,12 @@ A config is a tree of small dataclasses (one per YAML section). :func:`load_conf
 YAML, applies command-line overrides, checks every key and type against the dataclasses and then
 the cross-field rules, so that a typo or an impossible combination is an error naming the key
 before any process group or model exists. Rules that need the world size (the batch arithmetic
-with data parallelism) live in :func:`resolve_batch`, called right after the launcher's
-environment is read and still before any work.
+with data parallelism) live in ``engine.batching.resolve_batch``, called right after the
+launcher's environment is read and still before any work.
 
-The SFT schema is :class:`SFTConfig`; the reward-model and PPO trainers subclass it (or compose
-their own top-level dataclass from the same sections) and reuse the loader unchanged.
+The schema of the trainers that read tokenized data is :class:`TrainerConfig` (SFT uses it as
+it is, the reward model subclasses it); PPO composes its own top-level dataclass from the same
+sections. All reuse the loader unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class TrainConfigError(ValueError):
     """A configuration problem; the message names the key (``training.learning_rate``)."""
 
 
-def _choice(default, *choices):
+def choice(default, *choices):
+    """A string field that accepts only ``choices`` (checked by the loader)."""
     return field(default=default, metadata={"choices": choices})
 
 
@@ -49,12 +51,34 @@ class ModelSection:
 
 
 @dataclass
-class TrainingSection:
+class OptimConfig:
+    """The optimizer and its learning-rate schedule: everything the engine needs to train one
+    model. The SFT and reward-model ``training:`` sections extend it, PPO's ``rlhf:`` section too
+    (policy; the value model gets a copy with its own learning rate), so each key is declared once."""
+
     learning_rate: float = 1.0e-5
     min_learning_rate: float = 0.0
     warmup_ratio: float = 0.0
     warmup_steps: int | None = None  # overrides warmup_ratio when set
-    lr_scheduler: str = _choice("cosine", "cosine", "linear", "constant")
+    lr_scheduler: str = choice("cosine", "cosine", "linear", "constant")
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    gradient_clipping: float = 1.0  # 0 disables clipping
+    mixed_precision: str = choice("bf16", "bf16", "fp32", "no")  # bf16 falls back to fp32 on CPU
+    use_distributed_optimizer: bool = True
+    seed: int = 1234
+
+
+def optim_view(section: OptimConfig, **changes) -> OptimConfig:
+    """The plain :class:`OptimConfig` part of a section that extends it, with ``changes``."""
+    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(OptimConfig)}
+    return OptimConfig(**dict(values, **changes))
+
+
+@dataclass
+class TrainingSection(OptimConfig):
     num_epochs: int = 1
     max_steps: int | None = None  # None: train for num_epochs
     per_device_train_batch_size: int = 1  # micro batch per data-parallel rank
@@ -62,19 +86,11 @@ class TrainingSection:
     global_batch_size: int | None = None  # None: micro batch x accumulation x data parallel
     max_seq_length: int = 2048
     packing: bool = False
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1.0e-8
     dropout: float = 0.0  # Megatron's hidden_dropout
     attention_dropout: float = 0.0
-    gradient_clipping: float = 1.0  # 0 disables clipping
-    mixed_precision: str = _choice("bf16", "bf16", "fp32", "no")  # bf16 falls back to fp32 on CPU
-    loss_type: str = _choice("causal_lm", "causal_lm")
+    loss_type: str = choice("causal_lm", "causal_lm")
     ignore_index: int = -100
-    seed: int = 1234
-    use_distributed_optimizer: bool = True
-    recompute_granularity: str | None = _choice(None, None, "full", "selective")
+    recompute_granularity: str | None = choice(None, None, "full", "selective")
 
 
 @dataclass
@@ -89,7 +105,7 @@ class DataSection:
 @dataclass
 class CheckpointSection:
     output_dir: str = "output/sft"
-    save_strategy: str = _choice("steps", "steps", "epoch", "no")
+    save_strategy: str = choice("steps", "steps", "epoch", "no")
     checkpoint_interval: int | None = None  # steps between saves (save_strategy: steps)
     save_steps: int | None = None  # the reward-model seed's name for checkpoint_interval
     save_total_limit: int | None = None  # older checkpoints are deleted, the best one is kept
@@ -99,7 +115,7 @@ class CheckpointSection:
 
 @dataclass
 class EvaluationSection:
-    eval_strategy: str = _choice("steps", "steps", "epoch", "no")
+    eval_strategy: str = choice("steps", "steps", "epoch", "no")
     eval_steps: int = 100
     metric_for_best_model: str = "eval_loss"
     greater_is_better: bool | None = None  # None: False for *loss / *perplexity metrics
@@ -116,30 +132,18 @@ class LoggingSection:
 
 
 @dataclass
-class ParallelSection:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    context_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: int | None = None
-    sequence_parallel: bool = False
-    num_layers_in_first_pipeline_stage: int | None = None
-    num_layers_in_last_pipeline_stage: int | None = None
+class TrainerConfig:
+    """model / training / data / checkpoint / evaluation / logging / parallel: the seed's SFT
+    config, and the base of every trainer that reads tokenized data."""
 
-    def layout(self) -> ParallelLayout:
-        return ParallelLayout(**dataclasses.asdict(self))
-
-
-@dataclass
-class SFTConfig:
     model: ModelSection = field(default_factory=ModelSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     data: DataSection = field(default_factory=DataSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    # The parallel: section is the layout itself (glm_megatron.parallel.layout).
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
 
     def validate(self) -> None:
         validate_common(self)
@@ -257,7 +261,7 @@ def build_section(cls, data, prefix: str):
     return cls(**values)
 
 
-def load_config(path: str | None, overrides: list[str] | None = None, schema=SFTConfig):
+def load_config(path: str | None, overrides: list[str] | None = None, schema=TrainerConfig):
     """Read ``path`` (YAML), apply ``overrides`` and validate; raises :class:`TrainConfigError`."""
     data: dict = {}
     if path is not None:
@@ -285,58 +289,64 @@ def load_config(path: str | None, overrides: list[str] | None = None, schema=SFT
 # Cross-field rules.
 
 
-def _require(cond: bool, message: str) -> None:
+def require(cond: bool, message: str) -> None:
     if not cond:
         raise TrainConfigError(message)
 
 
+def validate_optim(o: OptimConfig, section: str) -> None:
+    """The checks every :class:`OptimConfig` gets, naming keys as ``section.key``."""
+    require(o.learning_rate > 0, f"{section}.learning_rate must be > 0")
+    require(o.min_learning_rate >= 0, f"{section}.min_learning_rate must be >= 0")
+    require(0 <= o.warmup_ratio < 1, f"{section}.warmup_ratio must be in [0, 1)")
+    require(o.warmup_steps is None or o.warmup_steps >= 0, f"{section}.warmup_steps must be >= 0")
+    require(o.weight_decay >= 0, f"{section}.weight_decay must be >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        require(0 <= getattr(o, name) < 1, f"{section}.{name} must be in [0, 1)")
+    require(o.adam_eps > 0, f"{section}.adam_eps must be > 0")
+    require(o.gradient_clipping >= 0, f"{section}.gradient_clipping must be >= 0 (0 disables it)")
+
+
 def validate_common(cfg) -> None:
     m, t, d, c, e, lg = cfg.model, cfg.training, cfg.data, cfg.checkpoint, cfg.evaluation, cfg.logging
-    _require(not (m.preset and m.hf_config), "model.preset and model.hf_config are exclusive")
-    _require(not (m.load_checkpoint and m.hf_checkpoint),
-             "model.load_checkpoint and model.hf_checkpoint are exclusive (one source of weights)")
-    _require(m.freeze_encoder_layers >= 0, "model.freeze_encoder_layers must be >= 0")
-    _require(t.learning_rate > 0, "training.learning_rate must be > 0")
-    _require(0 <= t.min_learning_rate <= t.learning_rate,
-             "training.min_learning_rate must be in [0, training.learning_rate]")
-    _require(0 <= t.warmup_ratio < 1, "training.warmup_ratio must be in [0, 1)")
-    _require(t.warmup_steps is None or t.warmup_steps >= 0, "training.warmup_steps must be >= 0")
-    _require(t.num_epochs >= 1, "training.num_epochs must be >= 1")
-    _require(t.max_steps is None or t.max_steps >= 1, "training.max_steps must be >= 1 or null")
-    _require(t.per_device_train_batch_size >= 1, "training.per_device_train_batch_size must be >= 1")
-    _require(t.gradient_accumulation_steps is None or t.gradient_accumulation_steps >= 1,
-             "training.gradient_accumulation_steps must be >= 1")
-    _require(t.global_batch_size is None or t.global_batch_size >= 1,
-             "training.global_batch_size must be >= 1")
-    _require(t.max_seq_length >= 2, "training.max_seq_length must be >= 2")
-    _require(t.weight_decay >= 0, "training.weight_decay must be >= 0")
-    for name in ("adam_beta1", "adam_beta2"):
-        _require(0 <= getattr(t, name) < 1, f"training.{name} must be in [0, 1)")
-    _require(t.adam_eps > 0, "training.adam_eps must be > 0")
-    _require(0 <= t.dropout < 1 and 0 <= t.attention_dropout < 1,
-             "training.dropout and training.attention_dropout must be in [0, 1)")
-    _require(t.gradient_clipping >= 0, "training.gradient_clipping must be >= 0 (0 disables it)")
-    _require(d.max_seq_length is None or d.max_seq_length == t.max_seq_length,
-             f"data.max_seq_length ({d.max_seq_length}) differs from training.max_seq_length "
-             f"({t.max_seq_length})")
-    _require(0 <= d.validation_split < 1, "data.validation_split must be in [0, 1)")
+    require(not (m.preset and m.hf_config), "model.preset and model.hf_config are exclusive")
+    require(not (m.load_checkpoint and m.hf_checkpoint),
+            "model.load_checkpoint and model.hf_checkpoint are exclusive (one source of weights)")
+    require(m.freeze_encoder_layers >= 0, "model.freeze_encoder_layers must be >= 0")
+    validate_optim(t, "training")
+    require(t.min_learning_rate <= t.learning_rate,
+            "training.min_learning_rate must be in [0, training.learning_rate]")
+    require(t.num_epochs >= 1, "training.num_epochs must be >= 1")
+    require(t.max_steps is None or t.max_steps >= 1, "training.max_steps must be >= 1 or null")
+    require(t.per_device_train_batch_size >= 1, "training.per_device_train_batch_size must be >= 1")
+    require(t.gradient_accumulation_steps is None or t.gradient_accumulation_steps >= 1,
+            "training.gradient_accumulation_steps must be >= 1")
+    require(t.global_batch_size is None or t.global_batch_size >= 1,
+            "training.global_batch_size must be >= 1")
+    require(t.max_seq_length >= 2, "training.max_seq_length must be >= 2")
+    require(0 <= t.dropout < 1 and 0 <= t.attention_dropout < 1,
+            "training.dropout and training.attention_dropout must be in [0, 1)")
+    require(d.max_seq_length is None or d.max_seq_length == t.max_seq_length,
+            f"data.max_seq_length ({d.max_seq_length}) differs from training.max_seq_length "
+            f"({t.max_seq_length})")
+    require(0 <= d.validation_split < 1, "data.validation_split must be in [0, 1)")
     for key in ("checkpoint_interval", "save_steps"):
         v = getattr(c, key)
-        _require(v is None or v >= 1, f"checkpoint.{key} must be >= 1")
-    _require(c.checkpoint_interval is None or c.save_steps is None
-             or c.checkpoint_interval == c.save_steps,
-             "checkpoint.checkpoint_interval and checkpoint.save_steps disagree (they are aliases)")
-    _require(c.save_strategy != "steps" or c.checkpoint_interval or c.save_steps,
-             "checkpoint.save_strategy is 'steps' but checkpoint.checkpoint_interval is not set")
-    _require(c.save_total_limit is None or c.save_total_limit >= 1,
-             "checkpoint.save_total_limit must be >= 1 or null")
-    _require(e.eval_steps >= 1, "evaluation.eval_steps must be >= 1")
-    _require(e.eval_batch_size is None or e.eval_batch_size >= 1,
-             "evaluation.eval_batch_size must be >= 1")
-    _require(e.metric_for_best_model.startswith("eval_"),
-             "evaluation.metric_for_best_model must name an eval metric (eval_loss, "
-             "eval_perplexity, ...)")
-    _require(lg.log_interval >= 1, "logging.log_interval must be >= 1")
+        require(v is None or v >= 1, f"checkpoint.{key} must be >= 1")
+    require(c.checkpoint_interval is None or c.save_steps is None
+            or c.checkpoint_interval == c.save_steps,
+            "checkpoint.checkpoint_interval and checkpoint.save_steps disagree (they are aliases)")
+    require(c.save_strategy != "steps" or c.checkpoint_interval or c.save_steps,
+            "checkpoint.save_strategy is 'steps' but checkpoint.checkpoint_interval is not set")
+    require(c.save_total_limit is None or c.save_total_limit >= 1,
+            "checkpoint.save_total_limit must be >= 1 or null")
+    require(e.eval_steps >= 1, "evaluation.eval_steps must be >= 1")
+    require(e.eval_batch_size is None or e.eval_batch_size >= 1,
+            "evaluation.eval_batch_size must be >= 1")
+    require(e.metric_for_best_model.startswith("eval_"),
+            "evaluation.metric_for_best_model must name an eval metric (eval_loss, "
+            "eval_perplexity, ...)")
+    require(lg.log_interval >= 1, "logging.log_interval must be >= 1")
 
 
 def save_interval(cfg) -> int | None:
@@ -348,34 +358,3 @@ def greater_is_better(cfg) -> bool:
     if e.greater_is_better is not None:
         return e.greater_is_better
     return not (e.metric_for_best_model.endswith("loss") or "perplexity" in e.metric_for_best_model)
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    micro_batch_size: int
-    gradient_accumulation_steps: int
-    data_parallel_size: int
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel_size
-
-
-def resolve_batch(t: TrainingSection, data_parallel_size: int) -> BatchPlan:
-    """Micro batch x accumulation x data parallel = global batch; derive the one left out."""
-    mbs, ga, gbs = t.per_device_train_batch_size, t.gradient_accumulation_steps, t.global_batch_size
-    dp = data_parallel_size
-    if gbs is None:
-        return BatchPlan(mbs, ga or 1, dp)
-    if ga is None:
-        if gbs % (mbs * dp):
-            raise TrainConfigError(
-                f"training.global_batch_size {gbs} is not divisible by "
-                f"training.per_device_train_batch_size x data-parallel size = {mbs} x {dp}")
-        return BatchPlan(mbs, gbs // (mbs * dp), dp)
-    if mbs * ga * dp != gbs:
-        raise TrainConfigError(
-            f"training.global_batch_size {gbs} != per_device_train_batch_size x "
-            f"gradient_accumulation_steps x data-parallel size = {mbs} x {ga} x {dp} = "
-            f"{mbs * ga * dp} (set one of them to null to derive it)")
-    return BatchPlan(mbs, ga, dp)

@@ -18,7 +18,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from .config import TrainingSection
+from .config import OptimConfig
 from .lr_schedule import build_scheduler, current_lr
 from .optimizer import build_optimizer, wrap_ddp
 
@@ -69,7 +69,7 @@ class ModelRunner:
 class Engine(ModelRunner):
     """A trainable model: Megatron DDP chunks, the optimizer and the LR schedule."""
 
-    def __init__(self, modules: list[torch.nn.Module], tconfig, t: TrainingSection, total_steps: int):
+    def __init__(self, modules: list[torch.nn.Module], tconfig, t: OptimConfig, total_steps: int):
         super().__init__(modules)
         self.tconfig = tconfig
         self.model = wrap_ddp(modules, tconfig, t)

@@ -9,10 +9,10 @@ import math
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from .config import TrainingSection
+from .config import OptimConfig
 
 
-def warmup_steps(t: TrainingSection, total_steps: int) -> int:
+def warmup_steps(t: OptimConfig, total_steps: int) -> int:
     if t.warmup_steps is not None:
         steps = t.warmup_steps
     else:
@@ -21,7 +21,7 @@ def warmup_steps(t: TrainingSection, total_steps: int) -> int:
     return min(steps, max(total_steps - 1, 0))
 
 
-def build_scheduler(optimizer, t: TrainingSection, total_steps: int) -> OptimizerParamScheduler:
+def build_scheduler(optimizer, t: OptimConfig, total_steps: int) -> OptimizerParamScheduler:
     warm = warmup_steps(t, total_steps)
     init_lr = 0.0 if warm else t.learning_rate
     sched = OptimizerParamScheduler(

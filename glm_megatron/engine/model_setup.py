@@ -43,7 +43,7 @@ def resolve_glm_config(m: ModelSection) -> GLMConfig:
 
 
 def params_dtype(t: TrainingSection) -> torch.dtype:
-    # bf16 needs a GPU; on CPU the seed's "bf16" runs in fp32 (DESIGN.md §4).
+    # bf16 needs a GPU; on CPU the seed's "bf16" runs in fp32 (docs/ARCHITECTURE.md §5).
     if t.mixed_precision == "bf16" and torch.cuda.is_available():
         return torch.bfloat16
     return torch.float32

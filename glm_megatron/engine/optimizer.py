@@ -12,7 +12,7 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from .config import TrainingSection
+from .config import OptimConfig
 
 
 def freeze_parameters(modules: list[torch.nn.Module], freeze_embeddings: bool,
@@ -36,7 +36,7 @@ def freeze_parameters(modules: list[torch.nn.Module], freeze_embeddings: bool,
     return frozen
 
 
-def wrap_ddp(modules: list[torch.nn.Module], tconfig, t: TrainingSection) -> list:
+def wrap_ddp(modules: list[torch.nn.Module], tconfig, t: OptimConfig) -> list:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -54,7 +54,7 @@ def wrap_ddp(modules: list[torch.nn.Module], tconfig, t: TrainingSection) -> lis
     ]
 
 
-def build_optimizer(ddp_chunks: list, t: TrainingSection, bf16: bool):
+def build_optimizer(ddp_chunks: list, t: OptimConfig, bf16: bool):
     config = OptimizerConfig(
         optimizer="adam",  # Megatron's Adam with decoupled weight decay = AdamW
         lr=t.learning_rate,

@@ -14,7 +14,8 @@ from ..models.config import model_shape
 from ..parallel import LayoutError, ParallelLayout, read_launch_env, validate_layout
 from ..parallel.state import have_transformer_engine
 from . import checkpointing as ckpt
-from .config import BatchPlan, TrainConfigError, resolve_batch
+from .batching import BatchPlan, resolve_batch
+from .config import TrainConfigError
 from .model_setup import resolve_glm_config
 
 
@@ -43,7 +44,7 @@ def _checked_layout(layout, world_size: int, glm, training: bool, what: str):
 def model_layout_plan(cfg, world_size: int):
     """(GLM config, validated training layout, batch plan) of a trainer config."""
     glm = resolve_glm_config(cfg.model)
-    layout = _checked_layout(cfg.parallel.layout(), world_size, glm, True, "parallel")
+    layout = _checked_layout(cfg.parallel, world_size, glm, True, "parallel")
     return glm, layout, resolve_batch(cfg.training, layout.data_parallel_size(world_size))
 
 

@@ -5,7 +5,7 @@ The model runs through Megatron-Core's own static-batching inference path: a
 [max_seq, b, kv_heads, head_dim]; the model (in eval mode, which is what switches Megatron's
 attention into inference mode) writes the new keys/values at ``sequence_len_offset`` and attends
 over everything cached. One prefill call, then one token per call. The full-recompute greedy
-generator in :mod:`glm_megatron.training.generation` is the oracle the tests compare against.
+generator in :mod:`glm_megatron.generation.greedy` is the oracle the tests compare against.
 
 Why it is built this way:
 

@@ -1,6 +1,6 @@
 """Token sampling for rollouts: temperature, top-k, top-p (nucleus), greedy.
 
-Pure torch, no distributed code: :mod:`glm_megatron.training.kv_generation` calls it on the full
+Pure torch, no distributed code: :mod:`glm_megatron.generation.kv_cache` calls it on the full
 (TP-gathered) fp32 logits of the last fed position and then shares the result across ranks.
 The order of the filters is the usual one (HF transformers, vLLM): temperature first, so that
 top-p sees the tempered distribution, then top-k, then top-p on what top-k kept.

@@ -18,7 +18,9 @@ def is_dist_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "metadata.json"))
 
 
-def _sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
+def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
+    """The Megatron sharded state dict of this rank's model chunks (what ``dist_checkpointing``
+    saves and loads; the distributed optimizer's sharded state is built on top of it)."""
     if len(chunks) == 1:
         return chunks[0].sharded_state_dict()
     # Virtual pipeline chunks share one checkpoint: each chunk's keys are global already.
@@ -35,7 +37,7 @@ def save_model_weights(chunks: list[torch.nn.Module], path: str) -> None:
     if torch.distributed.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(_sharded_state_dict(chunks), path)
+    dist_checkpointing.save(model_sharded_state_dict(chunks), path)
 
 
 def load_model_weights(chunks: list[torch.nn.Module], path: str) -> None:
@@ -44,7 +46,7 @@ def load_model_weights(chunks: list[torch.nn.Module], path: str) -> None:
 
     if not is_dist_checkpoint(path):
         raise ConfigError(f"{path}: not a torch_dist checkpoint (no metadata.json)")
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), path)
+    state = dist_checkpointing.load(model_sharded_state_dict(chunks), path)
     for chunk in chunks:
         missing, _ = chunk.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]

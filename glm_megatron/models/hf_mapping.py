@@ -10,7 +10,7 @@ parity tool and the tests all use it. The mapping works per *Megatron parameter 
 3. :func:`combine` builds the full (unsharded) Megatron tensor from the HF tensors and
    :func:`split` inverts it; :func:`shard` cuts this rank's TP slice.
 
-Layout facts (DESIGN.md §5): Megatron's fused QKV weight interleaves per KV group
+Layout facts (docs/ARCHITECTURE.md §6): Megatron's fused QKV weight interleaves per KV group
 ``[q (heads_per_group·hd) | k (hd) | v (hd)]`` for each group, so a contiguous TP slice of it is
 whole groups; SwiGLU ``linear_fc1`` is ``cat(gate, up)`` *per TP rank*, so a TP slice is
 ``cat(gate_slice, up_slice)``, not a slice of the concatenation. The router's expert bias is

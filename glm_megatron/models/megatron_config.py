@@ -1,4 +1,4 @@
-"""GLMConfig + ParallelLayout -> Megatron-Core ``TransformerConfig`` (DESIGN.md §5)."""
+"""GLMConfig + ParallelLayout -> Megatron-Core ``TransformerConfig`` (docs/ARCHITECTURE.md §6)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def to_transformer_config(
     """Translate the HF-named GLM config into Megatron's TransformerConfig for ``layout``.
 
     Dropouts default to 0.0 (the seeds' SFT setting, and what GLM was trained with); Megatron's
-    own default of 0.1 would also cost ~30 % throughput on CPU (DESIGN.md §8).
+    own default of 0.1 would also cost ~30 % throughput on CPU (docs/ARCHITECTURE.md §8).
     """
     cuda = torch.cuda.is_available()
     if use_cpu_initialization is None:

@@ -32,7 +32,7 @@ PRESETS: dict[str, GLMConfig] = {
         first_k_dense_replace=1, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
         eos_token_id=[2], pad_token_id=0, initializer_range=0.05,
     ),
-    # The DESIGN.md §8 benchmark shape (H=256, 4 layers, 8 experts top-2): the demo's model.
+    # The docs/ARCHITECTURE.md §8 benchmark shape (H=256, 4 layers, 8 experts top-2): the demo's model.
     "glm4-moe-small": GLMConfig(
         vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,

@@ -53,7 +53,7 @@ def summarize(cfg: GLMConfig, layout: ParallelLayout, *, world_size: int = 0,
     layout = validate_layout(layout, world, model_shape(cfg), training=True)
     if dist.is_initialized():
         raise RuntimeError("summarize() needs its own fake process group; call it before init")
-    cpu_compat.install()
+    cpu_compat.require_runtime_support("summarize()")
     from megatron.core import parallel_state as ps
     from torch.testing._internal.distributed.fake_pg import FakeStore
 

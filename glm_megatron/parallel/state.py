@@ -2,8 +2,10 @@
 
 One call, :func:`initialize_parallel`, is what every trainer, tool and distributed test uses:
 it reads the launcher's environment, picks NCCL + CUDA when a GPU is present and gloo + CPU
-otherwise (installing the CPU support of :mod:`.cpu_compat`), validates the layout against the
-model, initializes Megatron-Core's model-parallel groups and seeds its RNG trackers.
+otherwise, validates the layout against the model, initializes Megatron-Core's model-parallel
+groups and seeds its RNG trackers. Without CUDA it needs the CPU support of :mod:`.cpu_compat`,
+which the program's entry point installs (:func:`~.cpu_compat.install_cpu_support`); it is never
+installed here.
 """
 
 from __future__ import annotations
@@ -66,8 +68,10 @@ def initialize_parallel(
     """Initialize torch.distributed and Megatron-Core for ``layout``; return the context.
 
     The layout is validated before any process group exists, so an impossible layout fails
-    fast on every rank with the same message.
+    fast on every rank with the same message. Without CUDA, raises
+    :class:`~.cpu_compat.CpuSupportError` unless the entry point called ``install_cpu_support()``.
     """
+    cpu_compat.require_runtime_support("initialize_parallel")
     env = env or read_launch_env()
     cuda = torch.cuda.is_available()
     layout = validate_layout(
@@ -81,7 +85,6 @@ def initialize_parallel(
     else:
         backend = "gloo"
         device = torch.device("cpu")
-    cpu_compat.install()
 
     if not dist.is_initialized():
         # Slurm's srun does not export these; torch's env:// rendezvous needs them.

@@ -22,9 +22,9 @@ if ARGS.device == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
 import torch  # noqa: E402
 import triton.runtime.interpreter as interp  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import _gae_triton, _logprob_chunk_triton  # noqa: E402
-from kernels.reference import gae_reference, token_logprobs_reference  # noqa: E402
+import glm_kernels  # noqa: E402
+from glm_kernels import gae_triton, token_logprobs_triton  # noqa: E402
+from glm_kernels.reference import gae_reference, token_logprobs_reference  # noqa: E402
 from tests.kernels_helpers.compare import rel_err  # noqa: E402
 from tests.kernels_helpers.logprob_case import make_case, weighted_loss  # noqa: E402
 
@@ -56,7 +56,7 @@ def logprob_check(kl, ent, temp, tile):
     gh_ref, gw_ref = torch.autograd.grad(weighted_loss(want, weights), [h64, w64])
     h, w = hidden.to(DEV).requires_grad_(), weight.to(DEV).requires_grad_()
     kw_dev = dict(kw, ref_logprobs=None if kl is None else ref.to(DEV))
-    out = kernels.token_logprobs(h, w, labels.to(DEV), backend="triton", tile_elems=tile, **kw_dev)
+    out = glm_kernels.token_logprobs(h, w, labels.to(DEV), backend="triton", tile_elems=tile, **kw_dev)
     gh, gw = torch.autograd.grad(weighted_loss(out, [x.to(DEV) for x in weights]), [h, w])
     out, gh, gw = _cpu(out), gh.cpu(), gw.cpu()
     errs = {
@@ -70,7 +70,7 @@ def logprob_check(kl, ent, temp, tile):
         errs["entropy"] = rel_err(out.entropy, want.entropy)
     record(f"token_logprobs kl={kl} entropy={ent} T={temp} tile={tile}", errs)
     # Sensitivity: the same comparison must fail when the kernel's input is wrong.
-    bad = kernels.token_logprobs(
+    bad = glm_kernels.token_logprobs(
         hidden.to(DEV), weight.to(DEV), labels.to(DEV), backend="triton", tile_elems=tile,
         **dict(kw_dev, temperature=temp * 1.01),
     )
@@ -92,7 +92,7 @@ def bf16_check():
     hb, wb = hidden.bfloat16(), weight.bfloat16()
     want = token_logprobs_reference(hb.double(), wb.double(), labels, temperature=0.9,
                                     ref_logprobs=ref, kl_type="k3", return_entropy=True)
-    out = kernels.token_logprobs(hb.to(DEV), wb.to(DEV), labels.to(DEV), temperature=0.9,
+    out = glm_kernels.token_logprobs(hb.to(DEV), wb.to(DEV), labels.to(DEV), temperature=0.9,
                                  ref_logprobs=ref.to(DEV), kl_type="k3", return_entropy=True,
                                  backend="triton", tile_elems=2048)
     out = _cpu(out)
@@ -107,9 +107,13 @@ def logits_check():
     logits = (hidden @ weight.t()).to(DEV).requires_grad_()
     labels = labels.to(DEV)
     weights = [x.to(DEV) for x in weights]
-    out = kernels.logprobs_from_logits(logits, labels, temperature=0.7, return_entropy=True, backend="triton")
+    out = glm_kernels.logprobs_from_logits(
+        logits, labels, temperature=0.7, return_entropy=True, backend="triton"
+    )
     (g,) = torch.autograd.grad(weighted_loss(out, weights), [logits])
-    want = kernels.logprobs_from_logits(logits, labels, temperature=0.7, return_entropy=True, backend="torch")
+    want = glm_kernels.logprobs_from_logits(
+        logits, labels, temperature=0.7, return_entropy=True, backend="torch"
+    )
     (g_ref,) = torch.autograd.grad(weighted_loss(want, weights), [logits])
     record(
         "logprobs_from_logits",
@@ -126,14 +130,14 @@ def gae_checks():
     r, v = torch.randn(3, 70, generator=g), torch.randn(3, 70, generator=g)
     m = torch.rand(3, 70, generator=g) > 0.15
     m[1, 40:] = False
-    adv, ret = (x.cpu() for x in kernels.compute_gae(r.to(DEV), v.to(DEV), m.to(DEV), 0.99, 0.95,
+    adv, ret = (x.cpu() for x in glm_kernels.compute_gae(r.to(DEV), v.to(DEV), m.to(DEV), 0.99, 0.95,
                                                       backend="triton"))
     adv_ref, ret_ref = gae_reference(r, v, m, 0.99, 0.95)
     record("gae [B,T]", {"adv": rel_err(adv, adv_ref), "ret": rel_err(ret, ret_ref)})
     cu = torch.tensor([0, 3, 3, 40, 41, 75])
     r, v = torch.randn(75, generator=g), torch.randn(75, generator=g)
     m = torch.rand(75, generator=g) > 0.1
-    adv, ret = (x.cpu() for x in kernels.compute_gae(r.to(DEV), v.to(DEV), m.to(DEV), 0.9, 0.8,
+    adv, ret = (x.cpu() for x in glm_kernels.compute_gae(r.to(DEV), v.to(DEV), m.to(DEV), 0.9, 0.8,
                                                       cu_seqlens=cu.to(DEV), backend="triton"))
     adv_ref, ret_ref = gae_reference(r, v, m, 0.9, 0.8, cu_seqlens=cu)
     record("gae packed", {"adv": rel_err(adv, adv_ref), "ret": rel_err(ret, ret_ref)})
@@ -144,9 +148,9 @@ def gae_checks():
 kinds = [
     type(k).__name__
     for k in (
-        _logprob_chunk_triton._stats_kernel,
-        _logprob_chunk_triton._grad_kernel,
-        _gae_triton._gae_kernel,
+        token_logprobs_triton.stats_kernel,
+        token_logprobs_triton.grad_kernel,
+        gae_triton.gae_kernel,
     )
 ]
 if ARGS.device == "cpu":

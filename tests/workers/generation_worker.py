@@ -30,7 +30,12 @@ from glm_megatron.generation.rollout import InEngineGenerator  # noqa: E402
 from glm_megatron.models import get_preset  # noqa: E402
 from glm_megatron.models.config import model_shape  # noqa: E402
 from glm_megatron.models.loading import build_glm_model  # noqa: E402
-from glm_megatron.parallel import ParallelLayout, destroy_parallel, initialize_parallel  # noqa: E402
+from glm_megatron.parallel import (  # noqa: E402
+    ParallelLayout,
+    destroy_parallel,
+    initialize_parallel,
+    install_cpu_support,
+)
 
 LAYOUTS = {
     # sequence_parallel is implied for MoE + TP > 1 by validate_layout(training=True).
@@ -145,6 +150,7 @@ def run_layout(cfg, name: str, sets) -> dict:
 
 
 def main():
+    install_cpu_support()
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--layouts", default=",".join(LAYOUTS))

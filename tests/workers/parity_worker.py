@@ -24,7 +24,12 @@ from glm_megatron.models.forward import forward_backward_lm_loss, forward_logits
 from glm_megatron.models.hf_checkpoint import HFCheckpointReader  # noqa: E402
 from glm_megatron.models.hf_mapping import combine, iter_local_tensors, shard  # noqa: E402
 from glm_megatron.models.loading import build_glm_model, load_hf_into_model  # noqa: E402
-from glm_megatron.parallel import ParallelLayout, destroy_parallel, initialize_parallel  # noqa: E402
+from glm_megatron.parallel import (  # noqa: E402
+    ParallelLayout,
+    destroy_parallel,
+    initialize_parallel,
+    install_cpu_support,
+)
 
 LAYOUTS = {
     "tp1": ParallelLayout(),
@@ -98,6 +103,7 @@ def check_mtp_and_checkpoint(cfg, layout, ckpt, reader):
 
 
 def main():
+    install_cpu_support()
     parser = argparse.ArgumentParser()
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--out", required=True)

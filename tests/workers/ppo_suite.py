@@ -80,7 +80,7 @@ def scenario_tp2(inputs: dict, out: str) -> dict:
     from glm_megatron.algorithms.ppo.loss import kl_controller
     from glm_megatron.algorithms.ppo.step import PPOStep
     from glm_megatron.algorithms.ppo.train import build_models, prepare_ppo
-    from glm_megatron.algorithms.sft.train import pad_multiple
+    from glm_megatron.engine.batching import pad_multiple
     from glm_megatron.generation.rollout import InEngineGenerator
     from glm_megatron.generation.sampling import SamplingParams
     from glm_megatron.models.config import model_shape
@@ -184,6 +184,9 @@ def scenario_pp2_value_model(inputs: dict, out: str) -> dict:
 
 
 def main() -> None:
+    from glm_megatron.parallel import install_cpu_support
+
+    install_cpu_support()
     p = argparse.ArgumentParser()
     p.add_argument("--inputs", required=True)
     p.add_argument("--out", required=True)

@@ -94,6 +94,9 @@ def padding_check(layout: dict, seqs: list, pad_id: int) -> dict:
 
 
 def main():
+    from glm_megatron.parallel import install_cpu_support
+
+    install_cpu_support()
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True, help="JSON from rm_common.build_rm_data")
     parser.add_argument("--out", required=True)

@@ -57,7 +57,7 @@ def write_config(cfg: dict, path: str) -> str:
 
 
 def read_train_log(output_dir: str) -> dict[int, float]:
-    """step -> loss, the last entry of each step winning (see training/loop.py)."""
+    """step -> loss, the last entry of each step winning (see glm_megatron/engine/loop.py)."""
     losses = {}
     with open(os.path.join(output_dir, "train_log.jsonl"), encoding="utf-8") as fh:
         for line in fh:

@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from workers.train_common import tiny_config  # noqa: E402
 
-from glm_megatron.engine.config import SFTConfig, build_section  # noqa: E402,I001
+from glm_megatron.algorithms.sft.config import SFTConfig  # noqa: E402,I001
+from glm_megatron.engine.config import build_section  # noqa: E402
 
 LAYOUTS = {
     "tp1": {},
@@ -73,6 +74,9 @@ def save_initial_weights(path: str) -> None:
 
 
 def main():
+    from glm_megatron.parallel import install_cpu_support
+
+    install_cpu_support()
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True, help="JSON from train_common.build_tiny_data")
     parser.add_argument("--out", required=True)

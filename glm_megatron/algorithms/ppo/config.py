@@ -19,40 +19,38 @@ from dataclasses import dataclass, field
 from ...engine.config import (
     CheckpointSection,
     LoggingSection,
-    ParallelSection,
+    OptimConfig,
     TrainConfigError,
-    TrainingSection,
-    _choice,
-    _require,
+    choice,
+    optim_view,
+    require,
+    validate_optim,
 )
+from ...parallel.layout import ParallelLayout
 
 # The seed's / TRL's names and ours for the per-token KL estimators of kernels.kl_penalty.
 KL_PENALTY_NAMES = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
 
 
 @dataclass
-class RLHFSection:
+class RLHFSection(OptimConfig):
+    """PPO's keys. The optimizer keys (learning_rate, min_learning_rate, lr_scheduler,
+    warmup_steps, weight_decay, adam_*, gradient_clipping, mixed_precision,
+    use_distributed_optimizer, seed) are :class:`OptimConfig`'s; only PPO's defaults differ."""
+
     # Models: torch_dist checkpoints (a run dir, its best / latest marker, iter_x or iter_x/model).
     policy_model: str | None = None
     reference_model: str | None = None  # null: the policy's initial weights
     reward_model: str | None = None  # a reward-model checkpoint (reward_model.json beside it)
     value_model: str | None = None  # null: a value head on the policy trunk
 
-    # Optimizer (policy; a separate value model uses value_learning_rate).
+    # Optimizer defaults for RL (policy; a separate value model uses value_learning_rate).
     learning_rate: float = 1.0e-6
     value_learning_rate: float | None = None
-    min_learning_rate: float = 0.0
-    lr_scheduler: str = _choice("constant", "constant", "cosine", "linear")
+    lr_scheduler: str = choice("constant", "constant", "cosine", "linear")
     warmup_steps: int = 0  # optimizer steps
     weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1.0e-8
     gradient_accumulation_steps: int = 1
-    gradient_clipping: float = 1.0
-    mixed_precision: str = _choice("bf16", "bf16", "fp32", "no")
-    use_distributed_optimizer: bool = True
-    seed: int = 1234
 
     # PPO.
     batch_size: int = 128  # rollouts per PPO step (whole job)
@@ -60,7 +58,7 @@ class RLHFSection:
     ppo_epochs: int = 4
     clip_range: float = 0.2
     clip_range_vf: float | None = 0.2  # value prediction clipped around the rollout's values
-    kl_penalty: str = _choice("kl", *KL_PENALTY_NAMES)
+    kl_penalty: str = choice("kl", *KL_PENALTY_NAMES)
     kl_coef: float = 0.1
     target_kl: float | None = 0.01  # adaptive KL controller target; null: kl_coef stays fixed
     kl_horizon: int = 10000
@@ -126,7 +124,7 @@ class PPOConfig:
     data: PromptDataSection = field(default_factory=PromptDataSection)
     checkpoint: PPOCheckpointSection = field(default_factory=PPOCheckpointSection)
     logging: PPOLoggingSection = field(default_factory=PPOLoggingSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
 
     def to_dict(self) -> dict:
         import dataclasses
@@ -140,81 +138,70 @@ class PPOConfig:
     def kl_type(self) -> str:
         return KL_PENALTY_NAMES[self.rlhf.kl_penalty]
 
-    def optimizer_section(self, value: bool = False) -> TrainingSection:
-        """The engine's view of the optimizer keys (policy, or the separate value model)."""
+    def optim(self, value: bool = False) -> OptimConfig:
+        """The engine's optimizer settings for the policy, or for the separate value model."""
         r = self.rlhf
-        lr = (r.value_learning_rate or r.learning_rate) if value else r.learning_rate
-        return TrainingSection(
-            learning_rate=lr, min_learning_rate=min(r.min_learning_rate, lr),
-            lr_scheduler=r.lr_scheduler, warmup_steps=r.warmup_steps, weight_decay=r.weight_decay,
-            adam_beta1=r.adam_beta1, adam_beta2=r.adam_beta2, adam_eps=r.adam_eps,
-            gradient_clipping=r.gradient_clipping, mixed_precision=r.mixed_precision,
-            seed=r.seed, use_distributed_optimizer=r.use_distributed_optimizer,
-            max_seq_length=max(2, self.data.max_prompt_length + r.max_new_tokens),
-        )
+        if not value:
+            return optim_view(r)
+        lr = r.value_learning_rate or r.learning_rate
+        return optim_view(r, learning_rate=lr, min_learning_rate=min(r.min_learning_rate, lr))
 
 
 def validate_ppo(cfg: PPOConfig) -> None:
     r, d, c = cfg.rlhf, cfg.data, cfg.checkpoint
     for key in ("policy_model", "reward_model"):
-        _require(getattr(r, key), f"rlhf.{key} is not set (a torch_dist checkpoint directory)")
-    _require(d.prompt_data_path, "data.prompt_data_path is not set")
-    _require(r.learning_rate > 0, "rlhf.learning_rate must be > 0")
-    _require(r.value_learning_rate is None or r.value_learning_rate > 0,
-             "rlhf.value_learning_rate must be > 0 or null")
-    _require(r.value_learning_rate is None or r.value_model,
-             "rlhf.value_learning_rate needs a separate rlhf.value_model (a value head on the policy "
-             "trunk trains with the policy's learning rate)")
-    _require(r.min_learning_rate >= 0, "rlhf.min_learning_rate must be >= 0")
-    _require(r.warmup_steps >= 0, "rlhf.warmup_steps must be >= 0")
-    _require(r.weight_decay >= 0, "rlhf.weight_decay must be >= 0")
-    for name in ("adam_beta1", "adam_beta2"):
-        _require(0 <= getattr(r, name) < 1, f"rlhf.{name} must be in [0, 1)")
-    _require(r.adam_eps > 0, "rlhf.adam_eps must be > 0")
-    _require(r.gradient_accumulation_steps >= 1, "rlhf.gradient_accumulation_steps must be >= 1")
-    _require(r.gradient_clipping >= 0, "rlhf.gradient_clipping must be >= 0 (0 disables it)")
-    _require(r.batch_size >= 1 and r.mini_batch_size >= 1,
-             "rlhf.batch_size and rlhf.mini_batch_size must be >= 1")
-    _require(r.batch_size % r.mini_batch_size == 0,
-             f"rlhf.batch_size {r.batch_size} is not a multiple of rlhf.mini_batch_size "
-             f"{r.mini_batch_size}")
-    _require(r.ppo_epochs >= 1, "rlhf.ppo_epochs must be >= 1")
-    _require(0 < r.clip_range < 1, "rlhf.clip_range must be in (0, 1)")
-    _require(r.clip_range_vf is None or r.clip_range_vf > 0, "rlhf.clip_range_vf must be > 0 or null")
-    _require(r.kl_coef >= 0, "rlhf.kl_coef must be >= 0")
-    _require(r.target_kl is None or r.target_kl > 0, "rlhf.target_kl must be > 0 or null")
-    _require(r.kl_horizon >= 1, "rlhf.kl_horizon must be >= 1")
-    _require(r.vf_coef >= 0 and r.entropy_coef >= 0, "rlhf.vf_coef and rlhf.entropy_coef must be >= 0")
-    _require(r.vf_clip_range is None or r.vf_clip_range > 0, "rlhf.vf_clip_range must be > 0 or null")
-    _require(0 <= r.gamma <= 1 and 0 <= r.lam <= 1, "rlhf.gamma and rlhf.lam must be in [0, 1]")
-    _require(r.reward_clip is None or r.reward_clip > 0, "rlhf.reward_clip must be > 0 or null")
-    _require(r.missing_eos_penalty is None or r.missing_eos_penalty >= 0,
-             "rlhf.missing_eos_penalty must be >= 0 or null")
-    _require(r.approx_kl_stop_factor is None or r.approx_kl_stop_factor > 0,
-             "rlhf.approx_kl_stop_factor must be > 0 or null")
-    _require(r.max_steps >= 1, "rlhf.max_steps must be >= 1")
-    _require(r.save_steps is None or r.save_steps >= 1, "rlhf.save_steps must be >= 1")
-    _require(r.eval_steps >= 1, "rlhf.eval_steps must be >= 1")
-    _require(r.max_new_tokens >= 1, "rlhf.max_new_tokens must be >= 1")
-    _require(r.temperature > 0, "rlhf.temperature must be > 0 (log-probs are taken at it)")
-    _require(0 < r.top_p <= 1, "rlhf.top_p must be in (0, 1]")
-    _require(r.top_k >= 0, "rlhf.top_k must be >= 0 (0 disables it)")
-    _require(r.rollout_micro_batch_size is None or r.rollout_micro_batch_size >= 1,
-             "rlhf.rollout_micro_batch_size must be >= 1 or null")
-    _require(d.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
-    _require(d.max_validation_prompts >= 1, "data.max_validation_prompts must be >= 1")
+        require(getattr(r, key), f"rlhf.{key} is not set (a torch_dist checkpoint directory)")
+    require(d.prompt_data_path, "data.prompt_data_path is not set")
+    validate_optim(r, "rlhf")
+    require(r.value_learning_rate is None or r.value_learning_rate > 0,
+            "rlhf.value_learning_rate must be > 0 or null")
+    require(r.value_learning_rate is None or r.value_model,
+            "rlhf.value_learning_rate needs a separate rlhf.value_model (a value head on the policy "
+            "trunk trains with the policy's learning rate)")
+    require(r.gradient_accumulation_steps >= 1, "rlhf.gradient_accumulation_steps must be >= 1")
+    require(r.gradient_clipping >= 0, "rlhf.gradient_clipping must be >= 0 (0 disables it)")
+    require(r.batch_size >= 1 and r.mini_batch_size >= 1,
+            "rlhf.batch_size and rlhf.mini_batch_size must be >= 1")
+    require(r.batch_size % r.mini_batch_size == 0,
+            f"rlhf.batch_size {r.batch_size} is not a multiple of rlhf.mini_batch_size "
+            f"{r.mini_batch_size}")
+    require(r.ppo_epochs >= 1, "rlhf.ppo_epochs must be >= 1")
+    require(0 < r.clip_range < 1, "rlhf.clip_range must be in (0, 1)")
+    require(r.clip_range_vf is None or r.clip_range_vf > 0, "rlhf.clip_range_vf must be > 0 or null")
+    require(r.kl_coef >= 0, "rlhf.kl_coef must be >= 0")
+    require(r.target_kl is None or r.target_kl > 0, "rlhf.target_kl must be > 0 or null")
+    require(r.kl_horizon >= 1, "rlhf.kl_horizon must be >= 1")
+    require(r.vf_coef >= 0 and r.entropy_coef >= 0, "rlhf.vf_coef and rlhf.entropy_coef must be >= 0")
+    require(r.vf_clip_range is None or r.vf_clip_range > 0, "rlhf.vf_clip_range must be > 0 or null")
+    require(0 <= r.gamma <= 1 and 0 <= r.lam <= 1, "rlhf.gamma and rlhf.lam must be in [0, 1]")
+    require(r.reward_clip is None or r.reward_clip > 0, "rlhf.reward_clip must be > 0 or null")
+    require(r.missing_eos_penalty is None or r.missing_eos_penalty >= 0,
+            "rlhf.missing_eos_penalty must be >= 0 or null")
+    require(r.approx_kl_stop_factor is None or r.approx_kl_stop_factor > 0,
+            "rlhf.approx_kl_stop_factor must be > 0 or null")
+    require(r.max_steps >= 1, "rlhf.max_steps must be >= 1")
+    require(r.save_steps is None or r.save_steps >= 1, "rlhf.save_steps must be >= 1")
+    require(r.eval_steps >= 1, "rlhf.eval_steps must be >= 1")
+    require(r.max_new_tokens >= 1, "rlhf.max_new_tokens must be >= 1")
+    require(r.temperature > 0, "rlhf.temperature must be > 0 (log-probs are taken at it)")
+    require(0 < r.top_p <= 1, "rlhf.top_p must be in (0, 1]")
+    require(r.top_k >= 0, "rlhf.top_k must be >= 0 (0 disables it)")
+    require(r.rollout_micro_batch_size is None or r.rollout_micro_batch_size >= 1,
+            "rlhf.rollout_micro_batch_size must be >= 1 or null")
+    require(d.max_prompt_length >= 1, "data.max_prompt_length must be >= 1")
+    require(d.max_validation_prompts >= 1, "data.max_validation_prompts must be >= 1")
     # One interval, two spellings (the seed has both rlhf.save_steps and checkpoint.save_steps).
     steps = {v for v in (r.save_steps, c.save_steps, c.checkpoint_interval) if v is not None}
-    _require(len(steps) <= 1, "rlhf.save_steps, checkpoint.save_steps and "
-             "checkpoint.checkpoint_interval disagree (they are aliases)")
-    _require(c.save_strategy != "epoch", "checkpoint.save_strategy: 'epoch' has no meaning for PPO; "
-             "use 'steps' or 'no'")
-    _require(c.save_strategy != "steps" or steps,
-             "checkpoint.save_strategy is 'steps' but no rlhf.save_steps / checkpoint.save_steps is set")
-    _require(c.save_total_limit is None or c.save_total_limit >= 1,
-             "checkpoint.save_total_limit must be >= 1 or null")
-    _require(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
-    _require(cfg.logging.num_samples_to_log >= 0, "logging.num_samples_to_log must be >= 0")
+    require(len(steps) <= 1, "rlhf.save_steps, checkpoint.save_steps and "
+            "checkpoint.checkpoint_interval disagree (they are aliases)")
+    require(c.save_strategy != "epoch", "checkpoint.save_strategy: 'epoch' has no meaning for PPO; "
+            "use 'steps' or 'no'")
+    require(c.save_strategy != "steps" or steps,
+            "checkpoint.save_strategy is 'steps' but no rlhf.save_steps / checkpoint.save_steps is set")
+    require(c.save_total_limit is None or c.save_total_limit >= 1,
+            "checkpoint.save_total_limit must be >= 1 or null")
+    require(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
+    require(cfg.logging.num_samples_to_log >= 0, "logging.num_samples_to_log must be >= 0")
 
 
 def ppo_save_interval(cfg: PPOConfig) -> int | None:

@@ -2,8 +2,8 @@
 
 Prompts are a tokenized ``prompts`` split (``tools/tokenize_data.py --format prompts``): the GLM
 chat template rendered up to and including the ``<|assistant|>`` generation prompt. The order is
-the SFT trainer's deterministic plan (:class:`~.sft_data.StepPlanner`), so a resumed run draws the
-same prompts: PPO step ``k`` of epoch ``e`` takes rows ``[k*B, (k+1)*B)`` of epoch ``e``'s
+the engine's deterministic plan (``engine.batching.StepPlanner``), so a resumed run draws
+the same prompts: PPO step ``k`` of epoch ``e`` takes rows ``[k*B, (k+1)*B)`` of epoch ``e``'s
 permutation, each data-parallel rank its ``B / DP`` share.
 
 A rollout batch is laid out in *label space*: for a sequence ``x`` (prompt + response, right
@@ -21,23 +21,13 @@ import torch
 
 from ...data.dataset import TokenizedDataset
 from ...data.errors import DataValidationError
-from ...engine.config import BatchPlan, TrainConfigError
-from ..sft.data import StepPlanner
+from ...engine.batching import BatchPlan, StepPlanner, open_tokenized
+from ...engine.config import TrainConfigError
 
 
 def open_prompts(path: str, key: str, vocab_size: int, max_prompt_length: int) -> tuple[list, int]:
     """(prompt id lists no longer than ``max_prompt_length``, number skipped as too long)."""
-    try:
-        ds = TokenizedDataset(path)
-    except DataValidationError as err:
-        raise TrainConfigError(f"{key}: {err}") from None
-    if ds.kind != "prompts":
-        raise TrainConfigError(f"{key}: {path} holds {ds.kind!r} rows, PPO needs 'prompts' "
-                               "(tools/tokenize_data.py --format prompts)")
-    tok_vocab = (ds.manifest.get("tokenizer") or {}).get("vocab_size")
-    if isinstance(tok_vocab, int) and tok_vocab > vocab_size:
-        raise TrainConfigError(f"{key}: the data's tokenizer has {tok_vocab} tokens, more than the "
-                               f"policy's vocab_size {vocab_size}")
+    ds = open_tokenized(path, key, "prompts", vocab_size)
     lengths = np.asarray(ds.lengths())
     keep = np.flatnonzero((lengths <= max_prompt_length) & (lengths > 0))
     prompts = [ds[int(i)]["prompt_ids"].astype(np.int64).tolist() for i in keep]

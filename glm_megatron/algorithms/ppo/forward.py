@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-import kernels
+import glm_kernels as kernels
 
 from ...models.policy_heads import hidden_output, lm_head_weight, split_value
 from ...models.reward_head import read_scores

@@ -20,11 +20,11 @@ from ...engine.checkpointing import checkpoint_model_config, resolve_model_dir
 from ...engine.config import TrainConfigError
 from ...engine.model_setup import params_dtype
 from ...models.checkpoint import load_model_weights
+from ...models.checkpoint_dirs import REWARD_FILE, is_reward_checkpoint
 from ...models.config import GLMConfig, model_shape
 from ...models.loading import build_glm_model
 from ...models.policy_heads import attach_value_head
 from ...models.reward_head import attach_reward_heads
-from ..rm.train import REWARD_FILE, is_reward_checkpoint
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@
              skipped when approx-KL runs far above target
 
 Every rank of a data-parallel replica holds the replica's whole rollout batch (see
-:func:`.ppo_forward.collect`), so the arithmetic between passes runs identically everywhere.
+:func:`.forward.collect`), so the arithmetic between passes runs identically everywhere.
 Randomness is seeded by (seed, step, data-parallel rank): a resumed run replays the same rollouts
 and mini-batch orders.
 """
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-import kernels
+import glm_kernels as kernels
 
 from ...engine.engine import Engine, sum_reports
 from ...generation.sampling import SamplingParams

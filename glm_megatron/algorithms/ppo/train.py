@@ -7,7 +7,7 @@ the parallel setup, the models, the engines and the loop::
     resume -> [validate at start] -> for each step: rollout, score, update, log, [validate],
     [save], preempt?
 
-Checkpoints are the SFT engine's (``iter_x/model`` = the policy, with its value head when it has
+Checkpoints are the engine's (``iter_x/model`` = the policy, with its value head when it has
 one; ``iter_x/value/`` = a separate value model) plus the KL controller and the step in
 ``trainer_state.json``. ``iter_x/model`` exports to HF with ``tools/convert_checkpoint.py
 megatron-to-hf`` (the value head is skipped).
@@ -20,18 +20,17 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from ...engine import checkpointing as ckpt
+from ...engine.batching import pad_multiple
 from ...engine.config import TrainConfigError
 from ...engine.engine import Engine
+from ...engine.loop import LoopSchedule, StepResult, TrainTask, run_loop
 from ...engine.metrics import RunLogger
-from ...engine.signals import PreemptionFlag
 from ...generation.rollout import InEngineGenerator
 from ...models.config import model_shape
 from ...parallel import LayoutError, read_launch_env, validate_layout
 from ...parallel.state import have_transformer_engine
-from ..sft.train import pad_multiple
 from .config import PPOConfig, ppo_save_interval, resolve_ppo_batch
 from .data import PromptPlanner, open_prompts, prompt_tokenizer_info
 from .loss import kl_controller
@@ -83,7 +82,7 @@ def prepare_ppo(cfg: PPOConfig, world_size: int) -> Prepared:
     layout = None
     for src in sources.values():
         try:
-            layout = validate_layout(cfg.parallel.layout(), world_size, model_shape(src.glm),
+            layout = validate_layout(cfg.parallel, world_size, model_shape(src.glm),
                                      training=True, cuda=torch.cuda.is_available(),
                                      have_transformer_engine=have_transformer_engine())
         except LayoutError as err:
@@ -113,14 +112,14 @@ def prepare_ppo(cfg: PPOConfig, world_size: int) -> Prepared:
 
 def build_models(cfg: PPOConfig, prep: Prepared, layout) -> PPOModels:
     r, s = cfg.rlhf, prep.sources
-    t_policy = cfg.optimizer_section()
+    t_policy = cfg.optim()
     optimizer_steps = r.max_steps * r.ppo_epochs * prep.plan.mini_batches_per_epoch
     chunks, tconfig = build_policy(s["policy"], layout, t_policy, value_head=not r.value_model,
                                    seed=r.seed)
     policy = Engine(chunks, tconfig, t_policy, optimizer_steps)
     value = None
     if r.value_model:
-        t_value = cfg.optimizer_section(value=True)
+        t_value = cfg.optim(value=True)
         v_chunks, v_config = build_value_model(s["value"], layout, t_value, seed=r.seed)
         value = Engine(v_chunks, v_config, t_value, optimizer_steps)
     reference = build_frozen(s["reference"], layout, t_policy, reward=False)
@@ -178,6 +177,75 @@ def format_ppo_step(step: int, total: int, m: dict) -> str:
             f"{m['time_training']:.1f}s | gen tok/s {m['generated_tokens_per_sec']:.0f}")
 
 
+class PPOTask(TrainTask):
+    """One PPO step for the engine's loop: rollouts of this step's prompts, scoring, updates.
+
+    The prompts and sampling seeds of step ``k`` depend on ``k`` only, so a resumed run replays
+    the rollouts an uninterrupted one would have made. Its own checkpointed state: the KL
+    controller and the validation history."""
+
+    def __init__(self, cfg: PPOConfig, prep: Prepared, stepper: PPOStep, kl_ctl, planner: PromptPlanner,
+                 value_engine: Engine | None, stop_ids, dp_rank: int, is_main: bool, tokenizer):
+        self.cfg, self.prep, self.stepper, self.kl_ctl = cfg, prep, stepper, kl_ctl
+        self.planner, self.stop_ids, self.dp_rank, self.is_main = planner, stop_ids, dp_rank, is_main
+        self.steps_per_epoch = planner.steps_per_epoch
+        self.global_batch_size = cfg.rlhf.batch_size
+        self.extra_engines = {"value": value_engine} if value_engine is not None else None
+        self.tokenizer, self.samples, self.validation = tokenizer, None, []
+
+    def on_start(self, logger: RunLogger) -> None:
+        self.samples = SampleWriter(self.cfg.checkpoint.output_dir, self.tokenizer,
+                                    self.cfg.logging.num_samples_to_log, logger)
+
+    def run_step(self, engine, state) -> StepResult:
+        prompts = [self.prep.prompts[i] for i in self.planner.rows(state.step, self.dp_rank)]
+        metrics, _ = self.stepper.run(prompts, state.step, self.stop_ids)
+        notes = []
+        if metrics["skipped_steps"]:
+            notes.append(f"{int(metrics['skipped_steps'])} optimizer step(s) skipped: non-finite "
+                         "gradients")
+        return StepResult(metrics, metrics, metrics,
+                          {"reward": metrics["mean_reward"], "kl": metrics["kl_divergence"]}, notes)
+
+    def step_line(self, step: int, total: int, epoch: float, result: StepResult) -> str:
+        return format_ppo_step(step, total, result.scalars)
+
+    def evaluate(self, engine, step: int) -> dict:
+        val = self.prep.val_prompts
+        if not val:
+            return {}
+        dp = self.prep.plan.data_parallel_size
+        per = len(val) // dp
+        mine = val[self.dp_rank * per:(self.dp_rank + 1) * per]
+        seed = step_seed(self.cfg.rlhf.seed, 0, self.dp_rank, purpose=99)
+        metrics, ro = self.stepper.validate(mine, seed, self.stop_ids)
+        self.validation.append((step, metrics))
+        if self.is_main:
+            self.samples.write(step, ro, ro.fields["scores"])
+        return metrics
+
+    def eval_line(self, step: int, metrics: dict) -> str:
+        return f"validation @ step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+    def state_dict(self) -> dict:
+        return {"kl_controller": self.kl_ctl.state_dict(), "validation": self.validation}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.kl_ctl.load_state_dict(saved["kl_controller"])
+        self.validation = [tuple(v) for v in saved.get("validation", [])]
+
+
+def ppo_schedule(cfg: PPOConfig) -> LoopSchedule:
+    r, c, lg = cfg.rlhf, cfg.checkpoint, cfg.logging
+    return LoopSchedule(
+        total_steps=r.max_steps, output_dir=c.output_dir, log_file=LOG_FILE,
+        tensorboard_dir=lg.tensorboard_dir or os.path.join(c.output_dir, "tensorboard"),
+        log_interval=lg.log_interval, progress_bar=lg.progress_bar,
+        eval_every=r.eval_steps, eval_at_start=r.eval_at_start,
+        save_every=ppo_save_interval(cfg) if c.save_strategy == "steps" else None,
+        save_final=c.save_final, save_total_limit=c.save_total_limit)
+
+
 def run_ppo(cfg: PPOConfig, *, log=print) -> dict:
     """Train; returns {history, validation, reason, last_checkpoint, models} on every rank."""
     from megatron.core import parallel_state as ps
@@ -186,7 +254,7 @@ def run_ppo(cfg: PPOConfig, *, log=print) -> dict:
 
     env = read_launch_env()
     prep = prepare_ppo(cfg, env.world_size)
-    r, c = cfg.rlhf, cfg.checkpoint
+    r = cfg.rlhf
     ctx = initialize_parallel(prep.layout, model_shape(prep.sources["policy"].glm), seed=r.seed, env=env)
     models = build_models(cfg, prep, ctx.layout)
     policy_glm = prep.sources["policy"].glm
@@ -199,99 +267,24 @@ def run_ppo(cfg: PPOConfig, *, log=print) -> dict:
                       pad_multiple(ctx.layout), kl_ctl, eos_id=tok.get("eos_id"))
     dp_rank, dp = ps.get_data_parallel_rank(), prep.plan.data_parallel_size
     planner = PromptPlanner(len(prep.prompts), prep.plan.rollouts_per_rank, dp, r.seed, cfg.data.shuffle)
-
-    out_dir = c.output_dir
-    step, history, validation = 0, [], []
-    extra = {"value": models.value} if models.value is not None else None
-    if prep.resume_from:
-        state = ckpt.load_checkpoint(models.policy, prep.resume_from, extra_engines=extra)
-        step = state["step"]
-        kl_ctl.load_state_dict(state["kl_controller"])
-        validation = state.get("validation", [])
-    if ctx.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-    logger = RunLogger(ctx.is_main, cfg.logging.tensorboard_dir or os.path.join(out_dir, "tensorboard"),
-                       r.max_steps, step, cfg.logging.progress_bar)
-    samples = SampleWriter(out_dir, _load_tokenizer(tok) if ctx.is_main else None,
-                           cfg.logging.num_samples_to_log, logger)
+    task = PPOTask(cfg, prep, stepper, kl_ctl, planner, models.value, stop_ids, dp_rank,
+                   ctx.is_main, _load_tokenizer(tok) if ctx.is_main else None)
     if ctx.is_main:
         p = prep.plan
-        logger.line(
-            f"ppo: {ctx.layout.describe()} on {ctx.world_size} ranks (DP={dp}); {r.batch_size} rollouts"
+        log(f"ppo: {ctx.layout.describe()} on {ctx.world_size} ranks (DP={dp}); {r.batch_size} rollouts"
             f"/step ({p.rollouts_per_rank}/rank), mini-batch {r.mini_batch_size} = {p.micro_batch_size}"
             f" x {p.gradient_accumulation_steps} accumulation x {dp} DP, {r.ppo_epochs} epochs; "
             f"value: {'head on the policy' if r.value_model is None else r.value_model}; "
             f"{len(prep.prompts)} prompts ({prep.skipped['train']} too long, skipped)"
             + (f", {len(prep.val_prompts)} validation prompts" if prep.val_prompts else ""))
-        if prep.resume_from:
-            logger.line(f"resumed from {prep.resume_from} at step {step}")
-
-    def validate():
-        if not prep.val_prompts:
-            return
-        per = len(prep.val_prompts) // dp
-        mine = prep.val_prompts[dp_rank * per:(dp_rank + 1) * per]
-        metrics, ro = stepper.validate(mine, step_seed(r.seed, 0, dp_rank, purpose=99), stop_ids)
-        validation.append((step, metrics))
-        logger.scalars(step, metrics, "eval")
-        logger.line(f"validation @ step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if ctx.is_main:
-            samples.write(step, ro, ro.fields["scores"])
-
-    def save():
-        trainer_state = {"step": step, "kl_controller": kl_ctl.state_dict(), "validation": validation,
-                         "config": cfg.to_dict(), "model_config": policy_glm.to_hf_dict()}
-        path = ckpt.save_checkpoint(models.policy, out_dir, step, trainer_state,
-                                    policy_glm.to_hf_dict(), extra_engines=extra)
-        if ctx.is_main:
-            for gone in ckpt.prune_checkpoints(out_dir, c.save_total_limit, set()):
-                logger.line(f"removed old checkpoint {gone}")
-        logger.line(f"saved checkpoint {path}")
-        dist.barrier()
-        return path
-
-    if r.eval_at_start and step == 0:
-        validate()
-    preempt = PreemptionFlag().install()
-    interval = ppo_save_interval(cfg)
-    reason, last_ckpt = "finished", None
-    try:
-        while step < r.max_steps:
-            prompts = [prep.prompts[i] for i in planner.rows(step, dp_rank)]
-            metrics, ro = stepper.run(prompts, step, stop_ids)
-            step += 1
-            history.append((step, metrics))
-            if ctx.is_main:
-                with open(os.path.join(out_dir, LOG_FILE), "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(dict(metrics, step=step)) + "\n")
-            logger.scalars(step, metrics, "train")
-            logger.progress(step, {"reward": metrics["mean_reward"], "kl": metrics["kl_divergence"]})
-            if metrics["skipped_steps"]:
-                logger.line(f"step {step}: {int(metrics['skipped_steps'])} optimizer step(s) skipped: "
-                            "non-finite gradients")
-            if step % cfg.logging.log_interval == 0 or step == r.max_steps:
-                logger.line(format_ppo_step(step, r.max_steps, metrics))
-            last = step == r.max_steps
-            if step % r.eval_steps == 0 or last:
-                validate()
-            preempted = preempt.agreed()
-            if c.save_strategy == "steps" and interval and step % interval == 0:
-                last_ckpt = save()
-            elif preempted or (last and c.save_final):
-                last_ckpt = save()
-            if preempted:
-                reason = "preempted"
-                logger.line(f"signal {preempt.received or 'on another rank'}: checkpoint saved at "
-                            f"step {step}, exiting")
-                break
-    finally:
-        preempt.uninstall()
-        logger.close()
+    result = run_loop(cfg, models.policy, task, ppo_schedule(cfg), policy_glm.to_hf_dict(),
+                      ctx.is_main, resume_from=prep.resume_from)
+    validation = task.validation
     if ctx.is_main and validation:
         first, final = validation[0], validation[-1]
-        log(f"ppo {reason} at step {step}: validation reward {first[1]['mean_reward']:+.3f} (step "
-            f"{first[0]}) -> {final[1]['mean_reward']:+.3f} (step {final[0]}), KL to the reference "
-            f"{final[1]['kl_divergence']:.4f}; checkpoints in {os.path.abspath(out_dir)}")
-    return {"history": history, "validation": validation, "reason": reason,
-            "last_checkpoint": last_ckpt, "models": models}
-
+        log(f"ppo {result.reason} at step {result.state.step}: validation reward "
+            f"{first[1]['mean_reward']:+.3f} (step {first[0]}) -> {final[1]['mean_reward']:+.3f} "
+            f"(step {final[0]}), KL to the reference {final[1]['kl_divergence']:.4f}; checkpoints in "
+            f"{os.path.abspath(cfg.checkpoint.output_dir)}")
+    return {"history": result.history, "validation": validation, "reason": result.reason,
+            "last_checkpoint": result.last_checkpoint, "models": models}

@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 from ...engine.config import (
     CheckpointSection,
     EvaluationSection,
-    SFTConfig,
     TrainConfigError,
+    TrainerConfig,
     TrainingSection,
-    _choice,
+    choice,
     validate_common,
 )
 
 
 @dataclass
 class RMTrainingSection(TrainingSection):
-    loss_type: str = _choice("ranking", "ranking")
+    loss_type: str = choice("ranking", "ranking")
     # Bradley-Terry with margin: -log sigmoid(r_chosen - r_rejected - margin). A per-pair margin
     # stored with the data (a ``margin`` field of the tokenized rows) takes precedence.
     margin: float = 0.0
@@ -42,7 +42,7 @@ class RMEvaluationSection(EvaluationSection):
 
 
 @dataclass
-class RMConfig(SFTConfig):
+class RMConfig(TrainerConfig):
     training: RMTrainingSection = field(default_factory=RMTrainingSection)
     checkpoint: RMCheckpointSection = field(default_factory=RMCheckpointSection)
     evaluation: RMEvaluationSection = field(default_factory=RMEvaluationSection)

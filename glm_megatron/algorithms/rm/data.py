@@ -1,9 +1,9 @@
-"""Preference pairs for the reward-model trainer: splits and model-ready micro-batches.
+"""Preference pairs for the reward-model trainer: model-ready micro-batches.
 
 A micro-batch of B pairs is one ``[2B, T]`` forward pass, the B chosen rows first, then the B
 rejected rows in the same order: chosen and rejected of a pair always share a micro-batch and a
 data-parallel rank. Row scheduling (the deterministic global-batch plan, resume position) is the
-SFT trainer's :class:`~glm_megatron.training.sft_data.StepPlanner`, applied to pairs.
+engine's ``StepPlanner`` (engine/batching.py), applied to pairs.
 
 Rows are right-padded (the trainer's default: with causal attention no real token sees padding,
 so no attention mask is needed); :func:`build_inputs` also left-pads, with positions that start
@@ -15,49 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...data.dataset import TokenizedDataset
-from ...data.errors import DataValidationError
-from ...engine.config import TrainConfigError
+from ...engine.batching import round_up
 from ...models.reward_head import last_token_index
-from ..sft.data import Truncated
-
-
-def open_preference_dataset(path: str, key: str, vocab_size: int) -> TokenizedDataset:
-    try:
-        ds = TokenizedDataset(path)
-    except DataValidationError as err:
-        raise TrainConfigError(f"{key}: {err}") from None
-    if ds.kind != "preference":
-        raise TrainConfigError(f"{key}: {path} holds {ds.kind!r} rows, the reward model needs "
-                               "'preference' (tools/tokenize_data.py --format preference)")
-    tok_vocab = (ds.manifest.get("tokenizer") or {}).get("vocab_size")
-    if isinstance(tok_vocab, int) and tok_vocab > vocab_size:
-        raise TrainConfigError(f"{key}: the data's tokenizer has {tok_vocab} tokens, more than the "
-                               f"model's vocab_size {vocab_size}")
-    return ds
-
-
-def preference_splits(data_cfg, max_seq_length: int, vocab_size: int, seed: int):
-    """(train, validation or None) views of pairs, sequences cut to ``max_seq_length`` tokens."""
-    if not data_cfg.train_data_path:
-        raise TrainConfigError("data.train_data_path is not set")
-    train = open_preference_dataset(data_cfg.train_data_path, "data.train_data_path", vocab_size)
-    if data_cfg.validation_data_path:
-        val = open_preference_dataset(data_cfg.validation_data_path, "data.validation_data_path",
-                                      vocab_size)
-        return Truncated(train, max_seq_length), Truncated(val, max_seq_length)
-    if data_cfg.validation_split > 0:
-        # tools/tokenize_data.py keeps all pairs of one record in one split; a split made here is
-        # by pair, so pairs of a >2-response record may straddle it.
-        order = np.random.RandomState(seed).permutation(len(train))
-        n_val = max(1, int(round(data_cfg.validation_split * len(train))))
-        return (Truncated(train, max_seq_length, np.sort(order[n_val:])),
-                Truncated(train, max_seq_length, np.sort(order[:n_val])))
-    return Truncated(train, max_seq_length), None
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def build_inputs(seqs: list, length: int, pad_id: int, padding_side: str = "right") -> dict:
@@ -100,7 +59,7 @@ class PreferenceBatcher:
     def step_length(self, rows: np.ndarray) -> int:
         # One length for every micro-batch of a step: the pipeline sends fixed shapes and the MoE
         # all-gather dispatcher needs equal token counts on every expert-parallel rank.
-        return _round_up(int(self._lengths[rows].max()), self.pad_multiple)
+        return round_up(int(self._lengths[rows].max()), self.pad_multiple)
 
     def real_tokens(self, rows: np.ndarray) -> int:
         return int(sum(len(self.rows[int(i)]["chosen_input_ids"])

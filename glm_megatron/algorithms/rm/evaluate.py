@@ -18,16 +18,15 @@ import os
 
 import numpy as np
 
+from ...engine.batching import Truncated, model_pad_id, open_tokenized, pad_multiple
 from ...engine.config import TrainConfigError
 from ...engine.engine import ModelRunner
 from ...engine.prepare import evaluation_target
+from ...models.checkpoint_dirs import REWARD_FILE
 from ...models.config import model_shape
-from ..sft.data import Truncated
-from ..sft.train import pad_multiple
 from .calibration import calibration_table, plot_calibration
-from .data import PreferenceBatcher, open_preference_dataset
+from .data import PreferenceBatcher
 from .metrics import normalization_stats, pair_metrics, score_pairs
-from .train import REWARD_FILE
 
 
 def parse_args(argv=None):
@@ -71,7 +70,7 @@ def _training_tokenizer(model_dir: str) -> str | None:
 def load_test_pairs(path: str, tokenizer_path: str | None, vocab_size: int):
     """A tokenized preference split, or a JSON/JSONL file tokenized here (pipeline errors)."""
     if os.path.isdir(path):
-        return open_preference_dataset(path, "--test-data", vocab_size)
+        return open_tokenized(path, "--test-data", "preference", vocab_size)
     if not os.path.isfile(path):
         raise TrainConfigError(f"--test-data: {path}: no such file or directory")
     if not tokenizer_path:
@@ -116,8 +115,7 @@ def run(args, log=print) -> dict:
     chunks, tconfig = build_glm_model(glm, ctx.layout)
     attach_reward_heads(chunks, tconfig)
     load_model_weights(chunks, model_dir)
-    pad_id = glm.pad_token_id if (glm.pad_token_id or 0) < glm.vocab_size else 0
-    batcher = PreferenceBatcher(data, pad_id or 0, pad_multiple(ctx.layout), margin, ctx.device)
+    batcher = PreferenceBatcher(data, model_pad_id(glm), pad_multiple(ctx.layout), margin, ctx.device)
     rewards = score_pairs(ModelRunner(chunks), batcher, args.batch_size)
     metrics = {k.removeprefix("eval_"): v for k, v in pair_metrics(rewards, margin).items()}
     table = calibration_table(rewards[:, 0], rewards[:, 1], args.num_bins)

@@ -16,21 +16,19 @@ import os
 from dataclasses import replace
 
 from ...engine import checkpointing as ckpt
-from ...engine.config import BatchPlan, TrainConfigError
+from ...engine.batching import BatchPlan, model_pad_id, pad_multiple, tokenized_splits
+from ...engine.config import TrainConfigError
 from ...engine.engine import Engine
-from ...engine.loop import StepBatch, TrainTask, run_loop
+from ...engine.loop import BatchedTask, run_loop, schedule_from_config
 from ...engine.model_setup import build_trained_model
 from ...engine.prepare import Prepared, finish_prepare, model_layout_plan
+from ...models.checkpoint_dirs import REWARD_FILE, is_reward_checkpoint
 from ...models.config import model_shape
 from ...models.reward_head import HEAD_KEY, attach_reward_heads
 from ...parallel import read_launch_env
-from ..sft.data import StepPlanner
-from ..sft.train import pad_multiple
-from .data import PreferenceBatcher, preference_splits
+from .data import PreferenceBatcher
 from .loss import rm_forward_step
 from .metrics import normalization_stats, pair_metrics, score_pairs
-
-REWARD_FILE = "reward_model.json"
 
 
 def write_reward_file(path: str, hidden_size: int, stats: dict, source: str, margin: float) -> None:
@@ -39,23 +37,14 @@ def write_reward_file(path: str, hidden_size: int, stats: dict, source: str, mar
                    "margin": margin, "normalization": dict(stats, reference=source)}, fh, indent=1)
 
 
-class RMTask(TrainTask):
+class RMTask(BatchedTask):
     loss_key = "rm loss"
+    sequences_per_row = 2  # a micro-batch of B pairs is one [2B, T] forward pass
 
     def __init__(self, cfg, train: PreferenceBatcher, val: PreferenceBatcher | None,
                  plan: BatchPlan, dp_rank: int, hidden_size: int, is_main: bool):
-        self.cfg, self.plan, self.dp_rank = cfg, plan, dp_rank
-        self.train, self.val, self.hidden_size, self.is_main = train, val, hidden_size, is_main
-        self.planner = StepPlanner(len(train), plan, cfg.training.seed, cfg.data.shuffle,
-                                   "data.train_data_path")
-        self.steps_per_epoch = self.planner.steps_per_epoch
-        self.global_batch_size = plan.global_batch_size
-
-    def step_batch(self, epoch: int, step_in_epoch: int) -> StepBatch:
-        rows = self.planner.global_batch(epoch, step_in_epoch)  # [GA, DP, MBS] pairs
-        length = self.train.step_length(rows.reshape(-1))
-        mbs = [self.train.microbatch(rows[i, self.dp_rank], length) for i in range(rows.shape[0])]
-        return StepBatch(mbs, self.train.real_tokens(rows.reshape(-1)), 2 * rows.size * length)
+        super().__init__(train, plan, dp_rank, cfg.training.seed, cfg.data.shuffle)
+        self.cfg, self.val, self.hidden_size, self.is_main = cfg, val, hidden_size, is_main
 
     def forward_step(self, model, batch):
         return rm_forward_step(model, batch)
@@ -63,7 +52,7 @@ class RMTask(TrainTask):
     def _eval_batch(self) -> int:
         return self.cfg.evaluation.eval_batch_size or self.plan.micro_batch_size
 
-    def evaluate(self, engine) -> dict:
+    def evaluate(self, engine, step: int) -> dict:
         if self.val is None:
             return {}
         rewards = score_pairs(engine, self.val, self._eval_batch(),
@@ -87,12 +76,8 @@ def prepare_rm(cfg, world_size: int) -> Prepared:
     if cfg.model.freeze_encoder_layers > glm.num_hidden_layers:
         raise TrainConfigError(f"model.freeze_encoder_layers: {cfg.model.freeze_encoder_layers} > "
                                f"the model's {glm.num_hidden_layers} layers")
-    train, val = preference_splits(cfg.data, t.max_seq_length, glm.vocab_size, t.seed)
+    train, val = tokenized_splits(cfg.data, "preference", t.max_seq_length, glm.vocab_size, t.seed)
     return finish_prepare(cfg, glm, layout, plan, train, val, len(train), "preference pairs")
-
-
-def is_reward_checkpoint(model_dir: str) -> bool:
-    return os.path.isfile(os.path.join(os.path.dirname(model_dir.rstrip("/")), REWARD_FILE))
 
 
 def build_reward_model(glm, cfg, layout):
@@ -125,11 +110,10 @@ def run_rm(cfg, *, log=print):
     t = cfg.training
     chunks, tconfig, source = build_reward_model(prep.glm, cfg, ctx.layout)
     engine = Engine(chunks, tconfig, t, prep.total_steps)
-    pad_id = prep.glm.pad_token_id if (prep.glm.pad_token_id or 0) < prep.glm.vocab_size else 0
     mult = pad_multiple(ctx.layout)
 
     def batcher(data):
-        return PreferenceBatcher(data, pad_id or 0, mult, t.margin, ctx.device)
+        return PreferenceBatcher(data, model_pad_id(prep.glm), mult, t.margin, ctx.device)
 
     task = RMTask(cfg, batcher(prep.train), batcher(prep.val) if prep.val is not None else None,
                   prep.plan, ps.get_data_parallel_rank(), prep.glm.hidden_size, ctx.is_main)
@@ -141,7 +125,8 @@ def run_rm(cfg, *, log=print):
             f"{task.steps_per_epoch} steps/epoch, {prep.total_steps} steps; weights: {source}; "
             f"margin {t.margin}; frozen: embeddings={cfg.model.freeze_embeddings}, "
             f"bottom {cfg.model.freeze_encoder_layers} layers")
-    result = run_loop(cfg, engine, task, prep.total_steps, prep.glm.to_hf_dict(), ctx.is_main,
+    result = run_loop(cfg, engine, task, schedule_from_config(cfg, prep.total_steps),
+                      prep.glm.to_hf_dict(), ctx.is_main,
                       resume_from=prep.resume_from)
     if ctx.is_main:
         out = os.path.abspath(cfg.checkpoint.output_dir)

@@ -20,14 +20,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ...engine.batching import Truncated, model_pad_id, open_tokenized, pad_multiple
 from ...engine.config import TrainConfigError
 from ...engine.engine import ModelRunner
 from ...engine.prepare import evaluation_target
 from ...generation.greedy import greedy_generate
 from ...models.config import model_shape
-from .data import SFTBatcher, Truncated, open_sft_dataset
+from .data import SFTBatcher
 from .lm_eval import evaluate_lm
-from .train import lm_forward_step, pad_multiple
+from .loss import lm_forward_step
 
 
 def parse_args(argv=None):
@@ -83,7 +84,7 @@ def run(args, log=print) -> dict:
 
     conversations, tok = None, None
     if os.path.isdir(args.test_data):
-        base = open_sft_dataset(args.test_data, "--test-data", glm.vocab_size)
+        base = open_tokenized(args.test_data, "--test-data", "sft", glm.vocab_size)
     elif os.path.isfile(args.test_data):
         tok = _tokenizer(args, None)
         conversations = _load_conversations(args.test_data)
@@ -104,8 +105,8 @@ def run(args, log=print) -> dict:
     chunks, _ = build_glm_model(glm, ctx.layout)
     load_model_weights(chunks, model_dir)
     mult = pad_multiple(ctx.layout)
-    pad_id = glm.pad_token_id if (glm.pad_token_id or 0) < glm.vocab_size else 0
-    batcher = SFTBatcher(data, max_len, pad_id or 0, mult, -100, False, ctx.device)
+    pad_id = model_pad_id(glm)
+    batcher = SFTBatcher(data, max_len, pad_id, mult, -100, False, ctx.device)
     metrics = evaluate_lm(ModelRunner(chunks), batcher, lm_forward_step, args.batch_size)
     result = {"checkpoint": model_dir, "test_data": os.path.abspath(args.test_data),
               "layout": ctx.layout.describe(), **metrics}
@@ -120,7 +121,7 @@ def run(args, log=print) -> dict:
             ids, _, _ = encode_spans(tok, render_spans(prompt_msgs, conv.tools,
                                                        add_generation_prompt=True))
             new = greedy_generate(chunks, list(ids), args.max_new_tokens, tok.stop_ids, mult,
-                                  pad_id or 0, ctx.device)
+                                  pad_id, ctx.device)
             text = tok.decode([t for t in new if t not in tok.stop_ids])
             answer = text.split("</think>")[-1].strip()
             match = answer == reference.strip()

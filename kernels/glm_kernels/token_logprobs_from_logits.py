@@ -1,4 +1,5 @@
-"""Log-probs (+ entropy, + KL) from vocab-parallel logits the caller already holds.
+"""`logprobs_from_logits`: the token log-prob op (+ entropy, + KL) from vocab-parallel logits the
+caller already holds, the second entry point next to `token_logprobs` (token_logprobs.py).
 
 For callers whose model returns logits (e.g. Megatron's GPTModel with the output layer inside):
 `logits` is this rank's [..., V/TP] shard, left untouched (peers' in-place softmax tricks make the
@@ -11,12 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from . import _tp
-from ._backend import resolve_backend
-from ._checks import check_common, check_logits
-from ._chunking import CPU_TILE_ELEMS, GPU_TILE_ELEMS, MAX_TOKEN_CHUNK, local_labels, ranges
-from ._shared import flat_labels, masked_upstream, outputs_from_stats
-from .token_logprobs import TokenLogProbs, _package, chunk_ops
+from . import token_logprobs_tp as tp
+from .backend import resolve_backend
+from .token_logprobs import (
+    TokenLogProbs,
+    chunk_ops,
+    flat_labels,
+    masked_upstream,
+    outputs_from_stats,
+    package_outputs,
+)
+from .token_logprobs_checks import check_common, check_logits
+from .token_logprobs_chunking import CPU_TILE_ELEMS, GPU_TILE_ELEMS, MAX_TOKEN_CHUNK, local_labels, ranges
 
 
 def _token_chunk(n, vs, device, tile):
@@ -30,7 +37,7 @@ class _LogitsLogProbs(torch.autograd.Function):
     def forward(ctx, logits, labels, valid, inv_temp, tp_group, want_ent, backend, tile):
         ops = chunk_ops(backend)
         n, vs = logits.shape
-        rank, _ = _tp.tp_rank_world(tp_group)
+        rank, _ = tp.tp_rank_world(tp_group)
         nt = _token_chunk(n, vs, logits.device, tile)
         buf = torch.empty(nt * vs, dtype=torch.float32, device=logits.device)
         scratch = torch.empty_like(buf) if (want_ent and backend == "torch") else None
@@ -54,7 +61,7 @@ class _LogitsLogProbs(torch.autograd.Function):
         inv_temp, tp_group, want_ent, backend, tile = ctx.cfg
         ops = chunk_ops(backend)
         n, vs = logits.shape
-        rank, _ = _tp.tp_rank_world(tp_group)
+        rank, _ = tp.tp_rank_world(tp_group)
         g_lp, g_ent = masked_upstream(g_lp, g_ent, valid, want_ent)
         nt = _token_chunk(n, vs, logits.device, tile)
         buf = torch.empty(nt * vs, dtype=torch.float32, device=logits.device)
@@ -93,7 +100,7 @@ def logprobs_from_logits(
 ) -> TokenLogProbs:
     """Per-token log-probs from this rank's vocab-parallel logits shard [..., V/TP]."""
     check_logits(logits, labels)
-    _, world = _tp.tp_rank_world(tp_group)
+    _, world = tp.tp_rank_world(tp_group)
     check_common(
         labels, temperature, ref_logprobs, kl_type, logits.shape[-1] * world, ignore_index, logits.device
     )
@@ -104,4 +111,4 @@ def logprobs_from_logits(
     logp, ent = _LogitsLogProbs.apply(
         lg, lab, valid, 1.0 / float(temperature), tp_group, bool(return_entropy), backend, tile_elems
     )
-    return _package(logp, ent, valid, shape, ref_logprobs, kl_type, return_entropy)
+    return package_outputs(logp, ent, valid, shape, ref_logprobs, kl_type, return_entropy)

@@ -2,7 +2,7 @@
 
 Why numba: GAE is memory-bound. One backward walk over a row reads r, v, m once and writes adv,
 ret once, so it costs about what copying the inputs costs. Torch eager can only express the
-recurrence as whole-tensor ops (see _gae_torch), which is ~8 passes over memory however they are
+recurrence as whole-tensor ops (see gae_torch.py), which is ~8 passes over memory however they are
 blocked. Rows (or packed segments) are independent, so they are spread over threads with prange.
 
 Same semantics as gae.py's docstring: "next valid" (m_{t+1}, inside the row / segment) is derived

@@ -1,6 +1,6 @@
-"""Chunk operations of the fused log-prob as Triton kernels: the CUDA path.
+"""Chunk operations of the token log-prob as Triton kernels: the CUDA path.
 
-Same contract as `_logprob_chunk_torch` (see there): the driver computes a [tokens, vocab-chunk]
+Same contract as `token_logprobs_torch` (see there): the driver computes a [tokens, vocab-chunk]
 fp32 logits tile with cuBLAS and these kernels make one fused pass over it, one program per row
 (online max / sum-exp / entropy / target in the forward; softmax-gradient in the backward).
 They also run under TRITON_INTERPRET=1 on CPU, which is how the test suite checks them.
@@ -16,7 +16,7 @@ _BLOCK_V = 1024
 
 
 @triton.jit
-def _stats_kernel(
+def stats_kernel(
     z_ptr,
     stride_z,
     labels_ptr,
@@ -58,7 +58,7 @@ def _stats_kernel(
 
 
 @triton.jit
-def _grad_kernel(
+def grad_kernel(
     z_ptr,
     stride_z,
     labels_ptr,
@@ -99,7 +99,7 @@ def _block(n_cols: int) -> int:
 def chunk_stats(z, inv_temp, labels, want_entropy, scratch=None):
     n, vc = z.shape
     out = torch.empty(4, n, dtype=torch.float32, device=z.device)
-    _stats_kernel[(n,)](
+    stats_kernel[(n,)](
         z,
         z.stride(0),
         labels,
@@ -118,7 +118,7 @@ def chunk_stats(z, inv_temp, labels, want_entropy, scratch=None):
 def chunk_grad(z, inv_temp, lse, ent, labels, g_lp, g_ent, want_entropy, scratch=None):
     n, vc = z.shape
     g_ent = g_ent if want_entropy else g_lp  # unread when WANT_ENT is False
-    _grad_kernel[(n,)](
+    grad_kernel[(n,)](
         z,
         z.stride(0),
         labels,

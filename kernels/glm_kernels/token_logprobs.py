@@ -23,6 +23,13 @@ function of logprobs, so it is differentiable through them):
     kernel itself runs no collective in backward. Every TP rank must receive the same upstream
     gradient (true when the loss is computed redundantly on each TP rank, as in Megatron).
 Ignored tokens (label == ignore_index) get logprob = entropy = kl = 0 and no gradient.
+
+The op's files, all named token_logprobs*: this one (result type, the autograd op from hidden
+states, the steps both entry points share), token_logprobs_from_logits.py (the entry point for
+logits the caller already holds), token_logprobs_torch.py / token_logprobs_triton.py (the chunk
+operations: CPU torch path / Triton kernels), token_logprobs_chunking.py (tile plan, fp32 GEMM),
+token_logprobs_tp.py (vocab-shard stats and their all-reduce), token_logprobs_checks.py
+(argument checks).
 """
 
 from __future__ import annotations
@@ -31,12 +38,11 @@ from typing import NamedTuple
 
 import torch
 
-from . import _tp
-from ._backend import resolve_backend
-from ._checks import check_common, check_hidden_weight
-from ._chunking import local_labels, mm_f32, plan, ranges
-from ._shared import flat_labels, masked_upstream, outputs_from_stats
+from . import token_logprobs_tp as tp
+from .backend import resolve_backend
 from .kl import kl_penalty
+from .token_logprobs_checks import check_common, check_hidden_weight
+from .token_logprobs_chunking import local_labels, mm_f32, plan, ranges
 
 
 class TokenLogProbs(NamedTuple):
@@ -48,11 +54,47 @@ class TokenLogProbs(NamedTuple):
 
 
 def chunk_ops(backend: str):
+    """The chunk operations (chunk_stats, chunk_grad) of a backend: a module with both."""
     if backend == "triton":
-        from . import _logprob_chunk_triton as ops
+        from . import token_logprobs_triton as ops
     else:
-        from . import _logprob_chunk_torch as ops
+        from . import token_logprobs_torch as ops
     return ops
+
+
+# Steps both entry points (`token_logprobs` here, `logprobs_from_logits` in
+# token_logprobs_from_logits.py) share around their chunk loops.
+def flat_labels(labels: torch.Tensor, ignore_index: int):
+    """(labels as flat int64 with ignored ones set to -1, validity mask)."""
+    lab = labels.reshape(-1).long()
+    valid = lab != ignore_index
+    return torch.where(valid, lab, torch.full_like(lab, -1)), valid
+
+
+def outputs_from_stats(stats, tp_group, valid, want_ent):
+    """(lse, logp, entropy) per token from this rank's (m, s, w, t); 0 at ignored tokens."""
+    lse, target, ent = tp.finish(tp.allreduce_stats(tuple(stats), tp_group))
+    zero = torch.zeros((), dtype=torch.float32, device=lse.device)
+    logp = torch.where(valid, target - lse, zero)
+    ent = torch.where(valid, ent, zero) if want_ent else torch.zeros_like(logp)
+    return lse, logp, ent
+
+
+def masked_upstream(g_lp, g_ent, valid, want_ent):
+    """Upstream gradients in fp32, zero at ignored tokens; g_ent None when entropy is unused."""
+    zero = torch.zeros((), dtype=torch.float32, device=g_lp.device)
+    g_lp = torch.where(valid, g_lp.float(), zero)
+    g_ent = torch.where(valid, g_ent.float(), zero) if (want_ent and g_ent is not None) else None
+    return g_lp, g_ent
+
+
+def package_outputs(logp, ent, valid, shape, ref_logprobs, kl_type, return_entropy) -> TokenLogProbs:
+    """The TokenLogProbs result shaped like the labels, with the KL (0 at ignored tokens) if asked."""
+    kl = None
+    if kl_type is not None:
+        kl = kl_penalty(logp, ref_logprobs.reshape(-1), kl_type)
+        kl = torch.where(valid, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).view(shape)
+    return TokenLogProbs(logp.view(shape), kl, ent.view(shape) if return_entropy else None)
 
 
 class _FusedLogProbs(torch.autograd.Function):
@@ -60,7 +102,7 @@ class _FusedLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, valid, inv_temp, tp_group, want_ent, backend, tile):
         ops = chunk_ops(backend)
         n, vs = hidden.shape[0], weight.shape[0]
-        rank, _ = _tp.tp_rank_world(tp_group)
+        rank, _ = tp.tp_rank_world(tp_group)
         nt, vc = plan(n, vs, hidden.device, tile)
         buf = torch.empty(nt * vc, dtype=torch.float32, device=hidden.device)
         scratch = torch.empty_like(buf) if (want_ent and backend == "torch") else None
@@ -73,7 +115,7 @@ class _FusedLogProbs(torch.autograd.Function):
                 )
                 loc = local_labels(labels[i0:i1], rank * vs + v0, v1 - v0)
                 sc = None if scratch is None else scratch[: z.numel()].view_as(z)
-                acc = _tp.merge(acc, ops.chunk_stats(z, inv_temp, loc, want_ent, sc))
+                acc = tp.merge(acc, ops.chunk_stats(z, inv_temp, loc, want_ent, sc))
             for k in range(4):
                 stats[k, i0:i1] = acc[k]
         lse, logp, ent = outputs_from_stats(stats, tp_group, valid, want_ent)
@@ -90,7 +132,7 @@ class _FusedLogProbs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = chunk_ops(backend)
         n, vs = hidden.shape[0], weight.shape[0]
-        rank, _ = _tp.tp_rank_world(tp_group)
+        rank, _ = tp.tp_rank_world(tp_group)
         g_lp, g_ent = masked_upstream(g_lp, g_ent, valid, want_ent)
         want_ent = g_ent is not None
         nt, vc = plan(n, vs, hidden.device, tile)
@@ -151,7 +193,7 @@ def token_logprobs(
     TRITON_INTERPRET=1). tile_elems: elements of one fp32 logits tile (memory / speed knob).
     """
     check_hidden_weight(hidden, weight, labels)
-    _, world = _tp.tp_rank_world(tp_group)
+    _, world = tp.tp_rank_world(tp_group)
     check_common(
         labels, temperature, ref_logprobs, kl_type, weight.shape[0] * world, ignore_index, hidden.device
     )
@@ -162,12 +204,4 @@ def token_logprobs(
     logp, ent = _FusedLogProbs.apply(
         h2, weight, lab, valid, 1.0 / float(temperature), tp_group, bool(return_entropy), backend, tile_elems
     )
-    return _package(logp, ent, valid, shape, ref_logprobs, kl_type, return_entropy)
-
-
-def _package(logp, ent, valid, shape, ref_logprobs, kl_type, return_entropy) -> TokenLogProbs:
-    kl = None
-    if kl_type is not None:
-        kl = kl_penalty(logp, ref_logprobs.reshape(-1), kl_type)
-        kl = torch.where(valid, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).view(shape)
-    return TokenLogProbs(logp.view(shape), kl, ent.view(shape) if return_entropy else None)
+    return package_outputs(logp, ent, valid, shape, ref_logprobs, kl_type, return_entropy)

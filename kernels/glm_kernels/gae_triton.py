@@ -21,7 +21,7 @@ def _affine_combine(c1, d1, c2, d2):
 
 
 @triton.jit
-def _gae_kernel(
+def gae_kernel(
     r_ptr,
     v_ptr,
     m_ptr,
@@ -64,7 +64,7 @@ def gae_scan(r, v, m, nxt, gamma, lam, starts, lens):
     if lens.numel() == 0:
         return adv, ret
     block = 1024 if r.is_cuda else 32  # the interpreter pays per element: keep blocks small
-    _gae_kernel[(lens.numel(),)](
+    gae_kernel[(lens.numel(),)](
         r, v, m, nxt, adv, ret, starts, lens, float(gamma), float(gamma * lam), BLOCK=block
     )
     return adv, ret

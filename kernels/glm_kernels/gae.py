@@ -3,7 +3,7 @@
     adv, ret = compute_gae(rewards, values, mask, gamma, lam)                 # [B, T]
     adv, ret = compute_gae(rewards, values, mask, gamma, lam, cu_seqlens=cu)  # packed [total]
 
-Semantics (DESIGN.md section 6): delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t and
+Semantics (docs/ARCHITECTURE.md §7): delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t and
 A_t = m_t * (delta_t + gamma * lam * A_{t+1}), where "t+1" only counts inside the same row /
 packed segment. A zero in the mask ends a response: the step before it bootstraps from value 0
 and nothing flows across it (so right padding and variable lengths need nothing else). Returns
@@ -13,11 +13,12 @@ It is the linear recurrence A_t = d_t + c_t * A_{t+1} with d_t = m_t * delta_t a
 c_t = gamma * lam * m_t * m_{t+1}. Backends (`backend=`):
 
 * "auto": "triton" for CUDA tensors, "numba" for CPU tensors ("torch" if numba is not installed).
-* "triton": scans the (c, d) pairs on CUDA (or under TRITON_INTERPRET=1 on CPU, for tests).
+* "triton": scans the (c, d) pairs on CUDA (or under TRITON_INTERPRET=1 on CPU, for tests; see
+  gae_triton.py).
 * "numba": CPU only; one native backward pass per row / packed segment, rows spread over
-  torch.get_num_threads() threads (see _gae_numba). Memory-bound: about the cost of a copy.
+  torch.get_num_threads() threads (see gae_numba.py). Memory-bound: about the cost of a copy.
 * "torch": vectorised torch on CPU; right-padded batches take a blocked-GEMM discounted suffix
-  sum and anything else (holes, packed segments) a two-level blocked scan (see _gae_torch).
+  sum and anything else (holes, packed segments) a two-level blocked scan (see gae_torch.py).
 
 Outputs are fp32 (fp64 inputs stay fp64 on CPU).
 """
@@ -30,7 +31,7 @@ import math
 
 import torch
 
-from ._backend import BACKENDS, resolve_backend
+from .backend import BACKENDS, resolve_backend
 from .whiten import whiten_advantages
 
 
@@ -88,7 +89,7 @@ def _pick_backend(backend, like):
     return resolve_backend(backend, like)
 
 
-def _next_valid(m, cu_seqlens):
+def next_valid(m, cu_seqlens):
     """nxt_t = m_{t+1} and t+1 in the same row / segment."""
     nxt = torch.zeros_like(m)
     nxt[..., :-1] = m[..., 1:]
@@ -117,23 +118,23 @@ def compute_gae(
     backend = _pick_backend(backend, rewards)
     out_dtype = torch.promote_types(values.dtype, torch.float32)
     if backend == "numba":
-        from ._gae_numba import gae_numba
+        from .gae_numba import gae_numba
 
         adv, ret = gae_numba(rewards.to(out_dtype), values.to(out_dtype), m, gamma, lam, cu_seqlens)
     elif backend == "triton":
-        adv, ret = _run_triton(rewards, values, m, _next_valid(m, cu_seqlens), gamma, lam, cu_seqlens)
+        adv, ret = _run_triton(rewards, values, m, next_valid(m, cu_seqlens), gamma, lam, cu_seqlens)
         adv, ret = adv.to(out_dtype), ret.to(out_dtype)
     else:
-        from ._gae_torch import gae_right_padded, gae_scan, right_padded
+        from .gae_torch import gae_right_padded, gae_scan, right_padded
 
         r2, v2 = rewards.to(out_dtype), values.to(out_dtype)
         mf = m.to(out_dtype) if cu_seqlens is None else None
         if mf is not None and right_padded(mf):
             adv, ret = gae_right_padded(r2, v2, mf, gamma, lam)
         elif cu_seqlens is not None:
-            adv, ret = gae_scan(r2[None], v2[None], m[None], _next_valid(m, cu_seqlens)[None], gamma, lam)
+            adv, ret = gae_scan(r2[None], v2[None], m[None], next_valid(m, cu_seqlens)[None], gamma, lam)
         else:
-            adv, ret = gae_scan(r2, v2, m, _next_valid(m, None), gamma, lam)
+            adv, ret = gae_scan(r2, v2, m, next_valid(m, None), gamma, lam)
         adv, ret = adv.view(rewards.shape), ret.view(rewards.shape)
     if whiten:
         adv = whiten_advantages(adv, m, group=whiten_group)
@@ -141,7 +142,7 @@ def compute_gae(
 
 
 def _run_triton(rewards, values, m, nxt, gamma, lam, cu_seqlens):
-    from ._gae_triton import gae_scan
+    from .gae_triton import gae_scan
 
     dev = rewards.device
     if cu_seqlens is None:

@@ -1,4 +1,4 @@
-"""Chunk operations of the fused log-prob, in torch: the default CPU path.
+"""Chunk operations of the token log-prob, in torch: the default CPU path.
 
 Both work in place on one fp32 [tokens, vocab-chunk] buffer of *unscaled* logits `z` (the driver
 reuses the buffer chunk after chunk, so the full [N, V] logits never exist). Passes over the

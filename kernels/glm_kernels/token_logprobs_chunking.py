@@ -1,4 +1,4 @@
-"""Chunk plan and fp32 logits tiles shared by both log-prob entry points."""
+"""Chunk plan and fp32 logits tiles shared by both token log-prob entry points."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Argument checks shared by the log-prob entry points: clear ValueErrors before any compute."""
+"""Argument checks shared by the token log-prob entry points: clear ValueErrors before any compute."""
 
 from __future__ import annotations
 
