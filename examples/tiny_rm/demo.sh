@@ -23,6 +23,6 @@ $PY -m torch.distributed.run --nproc-per-node=2 --master-port="${MASTER_PORT:-29
     2>&1 | grep -v -i "warn"
 
 echo "== 4/4 export to HF sequence-classification layout -> $OUT-hf"
-$PY -m glm_megatron.conversion.reward_export --load "$OUT/best" --output-dir "$OUT-hf" \
+$PY tools/convert_checkpoint.py reward-to-hf --load "$OUT/best" --output-dir "$OUT-hf" \
     --tokenizer-dir "$DATA/tokenizer"
 echo "calibration plot: $(pwd)/$OUT/calibration.png   eval: $(pwd)/$OUT/eval_test.json"
