@@ -10,10 +10,14 @@ from helpers.launch import run_tool
 
 
 def hf_meta_param_count(preset: str) -> int:
-    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+    """transformers' own count: the preset's config.json through its Auto classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    hf = get_preset(preset).to_hf_dict()
+    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
     with torch.device("meta"):
-        model = Glm4MoeForCausalLM(Glm4MoeConfig(**get_preset(preset).to_hf_dict()))
+        model = AutoModelForCausalLM.from_config(config)
+    assert type(model).__name__ == hf["architectures"][0]
     return sum(p.numel() for p in model.parameters())
 
 
@@ -38,6 +42,22 @@ def test_preset_totals_equal_transformers(preset, layout, active_b):
     assert active == pytest.approx(active_b, abs=0.01)
     stages = re.findall(r"^\s+\d+\s+[\d,]+", proc.stdout, flags=re.M)
     assert len(stages) == int(layout[layout.index("--pp") + 1])
+
+
+@pytest.mark.parametrize("preset, layout, world", [
+    ("glm4-9b", ["--tp", "2"], "8"),  # GLM-4-9B has 2 KV groups: TP at most 2
+    ("glm4-9b-0414", ["--tp", "2", "--pp", "2"], "8"),
+    ("glm4-32b-0414", ["--tp", "2", "--pp", "1"], "16"),
+])
+def test_dense_preset_totals_equal_transformers(preset, layout, world):
+    proc = run_tool("tools/model_summary.py", "--preset", preset, *layout, "--world-size", world)
+    assert proc.returncode == 0, proc.stderr
+    total = number(proc.stdout, "total parameters:")
+    assert total == hf_meta_param_count(preset)
+    if preset == "glm4-9b":
+        assert total == 9_399_951_360  # GLM-4-9B's published count (GlmForCausalLM)
+    assert number(proc.stdout, "active per token:") == total  # dense: every parameter is active
+    assert number(proc.stdout, "routed experts:") == 0
 
 
 def test_summary_from_hf_config_matches_the_checkpoint(tiny_hf_dir):

@@ -1,4 +1,4 @@
-"""Build the GLM-4.x model as Megatron-Core's ``GPTModel`` for this rank's place in the layout."""
+"""Build a GLM model as Megatron-Core's ``GPTModel`` for this rank's place in the layout."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    block_spec = glm_block_spec(tconfig, vp_stage=vp_stage)
+    block_spec = glm_block_spec(tconfig, vp_stage=vp_stage,
+                                sandwich_norms=cfg.family.sandwich_norms)
     mtp_spec = glm_mtp_block_spec(tconfig, block_spec, vp_stage=vp_stage)
     model = GPTModel(
         config=tconfig,

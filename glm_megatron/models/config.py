@@ -1,9 +1,9 @@
-"""The GLM-4.x model configuration: read from an HF ``config.json`` or a named preset.
+"""The GLM model configuration: read from an HF ``config.json`` or a named preset.
 
-:class:`GLMConfig` mirrors the HF ``glm4_moe`` field names so a user can read it next to the
-checkpoint's ``config.json``; :mod:`.megatron_config` turns it into Megatron's
-``TransformerConfig``. The dense GLM-4 9B (``model_type: glm4``) is refused with a clear message:
-it uses sandwich norms (post-attention and post-MLP norms) that need a layer of its own.
+:class:`GLMConfig` mirrors the HF field names so a user can read it next to the checkpoint's
+``config.json``; :mod:`.megatron_config` turns it into Megatron's ``TransformerConfig``. One
+dataclass serves the MoE family (``glm4_moe``) and the dense ones (``glm``, ``glm4``): a dense
+config has no experts and no MTP layer; :mod:`.families` says what else differs.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from ..parallel.layout import ModelShape
-
-SUPPORTED_MODEL_TYPES = ("glm4_moe",)
+from .families import DENSE_HF_KEYS, SUPPORTED_MODEL_TYPES, ModelFamily, get_family
 
 
 class ConfigError(ValueError):
@@ -60,8 +59,15 @@ class GLMConfig:
         problems = []
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             problems.append(
-                f"model_type {self.model_type!r} is not supported (supported: glm4_moe)"
+                f"model_type {self.model_type!r} is not supported (supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)})"
             )
+        elif not self.family.moe:
+            fixed = {k: v for k, v in self.family.defaults if k in _DENSE_FIXED}
+            problems += [
+                f"{k} must be {v!r} for the dense model_type {self.model_type!r}, got "
+                f"{getattr(self, k)!r}" for k, v in fixed.items() if getattr(self, k) != v
+            ]
         if self.hidden_act != "silu":
             problems.append(f"hidden_act must be 'silu', got {self.hidden_act!r}")
         if self.n_group != 1 or self.topk_group != 1:
@@ -78,6 +84,10 @@ class GLMConfig:
             problems.append("partial_rotary_factor must be in (0, 1]")
         if problems:
             raise ConfigError("invalid GLM config: " + "; ".join(problems))
+
+    @property
+    def family(self) -> ModelFamily:
+        return get_family(self.model_type)
 
     @property
     def is_moe(self) -> bool:
@@ -102,12 +112,27 @@ class GLMConfig:
         return GLMConfig(**{**asdict(self), **changes})
 
     def to_hf_dict(self) -> dict:
-        """The HF ``config.json`` content (the transformers 4.x layout that real checkpoints use)."""
+        """The HF ``config.json`` content (the transformers 4.x layout that real checkpoints use):
+        every field for ``glm4_moe``, transformers' own keys for the dense families."""
         d = asdict(self)
-        d["architectures"] = ["Glm4MoeForCausalLM"]
+        if not self.family.moe:
+            d = {k: d[k] for k in ("model_type", *DENSE_HF_KEYS)}
+        d["architectures"] = [self.family.causal_lm_class]
         d["torch_dtype"] = "bfloat16"
         return d
 
+
+# Fields a dense config cannot change (no experts, no MTP, no QK norm).
+_DENSE_FIXED = ("n_routed_experts", "n_shared_experts", "first_k_dense_replace",
+                "num_nextn_predict_layers", "use_qk_norm")
+
+
+def dense_config(model_type: str, **fields_) -> GLMConfig:
+    """A dense-family config: transformers' defaults for ``model_type``, then ``fields_``."""
+    return GLMConfig(model_type=model_type, **{**dict(get_family(model_type).defaults), **fields_})
+
+
+FAMILY_CLASS = {t: get_family(t).causal_lm_class for t in SUPPORTED_MODEL_TYPES}
 
 # Fields whose JSON type must be checked; bool is checked before int because bool ⊂ int.
 _FIELD_TYPES = {f.name: f.type for f in fields(GLMConfig)}
@@ -144,14 +169,16 @@ def config_from_hf_dict(data: dict, source: str = "config.json") -> GLMConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object")
     model_type = data.get("model_type")
-    if model_type == "glm4":
-        raise ConfigError(
-            f"{source}: model_type 'glm4' (dense GLM-4 9B) is not supported yet: its sandwich "
-            "norms (post_self_attn_layernorm / post_mlp_layernorm) need their own layer spec"
-        )
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"{source}: model_type {model_type!r} is not a GLM-4.x MoE model")
-    values = {}
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} is not supported; supported: "
+            + ", ".join(f"{t} ({FAMILY_CLASS[t]})" for t in SUPPORTED_MODEL_TYPES)
+        )
+    family = get_family(model_type)
+    # A dense config.json holds transformers' GlmConfig/Glm4Config keys; anything else in it
+    # (MoE keys from a hand-edited file, say) is ignored exactly as transformers ignores it.
+    readable = _FIELD_TYPES if family.moe else DENSE_HF_KEYS
+    values = dict(family.defaults)
     # transformers >= 5 nests rope settings under rope_parameters; real checkpoints use the
     # flat 4.x keys. Accept both.
     rope = data.get("rope_parameters") or {}
@@ -162,13 +189,14 @@ def config_from_hf_dict(data: dict, source: str = "config.json") -> GLMConfig:
     flat = {**{k: rope[k] for k in ("rope_theta", "partial_rotary_factor") if k in rope}, **data}
     if data.get("rope_scaling"):
         raise ConfigError(f"{source}: rope_scaling is not supported")
-    for key in _FIELD_TYPES:
+    for key in readable:
         if key in flat:
             values[key] = _check_type(key, flat[key], source)
-    if "head_dim" not in values and "hidden_size" in values and "num_attention_heads" in values:
+    if "head_dim" not in flat and "hidden_size" in flat and "num_attention_heads" in flat:
         values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
     try:
-        return GLMConfig(**values)
+        return GLMConfig(model_type=model_type, **{k: v for k, v in values.items()
+                                                   if k != "model_type"})
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 

@@ -1,4 +1,4 @@
-"""What an HF GLM-4.x checkpoint must contain, and how Megatron ``torch_dist`` keys map back to it.
+"""What an HF GLM checkpoint must contain, and how Megatron ``torch_dist`` keys map back to it.
 
 ``expected_hf_tensors`` lists every tensor name and shape a checkpoint of a config holds (the
 one-tensor-per-expert layout on disk, the MTP layer at index ``num_hidden_layers``), so a
@@ -37,10 +37,17 @@ def _layer_tensors(prefix: str, cfg: GLMConfig, moe: bool) -> dict[str, tuple[in
     if cfg.use_qk_norm:
         t[prefix + "self_attn.q_norm.weight"] = (hd,)
         t[prefix + "self_attn.k_norm.weight"] = (hd,)
+    if cfg.family.sandwich_norms:
+        t[prefix + "post_self_attn_layernorm.weight"] = (h,)
+        t[prefix + "post_mlp_layernorm.weight"] = (h,)
     if not moe:
         f = cfg.intermediate_size
-        t.update({prefix + "mlp.gate_proj.weight": (f, h), prefix + "mlp.up_proj.weight": (f, h),
-                  prefix + "mlp.down_proj.weight": (h, f)})
+        if cfg.family.fused_gate_up:
+            t[prefix + "mlp.gate_up_proj.weight"] = (2 * f, h)
+        else:
+            t[prefix + "mlp.gate_proj.weight"] = (f, h)
+            t[prefix + "mlp.up_proj.weight"] = (f, h)
+        t[prefix + "mlp.down_proj.weight"] = (h, f)
         return t
     e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
     s = i * cfg.n_shared_experts

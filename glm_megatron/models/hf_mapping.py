@@ -1,4 +1,4 @@
-"""HF ``glm4_moe`` checkpoint tensors <-> Megatron-Core GLM parameters, at any TP/PP/EP layout.
+"""HF GLM checkpoint tensors <-> Megatron-Core GLM parameters, at any TP/PP/EP layout.
 
 One place knows how the two name spaces and tensor layouts correspond; the conversion tools, the
 parity tool and the tests all use it. The mapping works per *Megatron parameter of this rank*:
@@ -6,7 +6,8 @@ parity tool and the tests all use it. The mapping works per *Megatron parameter 
 1. :func:`global_name` turns a rank-local parameter name (local layer index, local expert index,
    TE or local spec naming) into a canonical *global* Megatron name (global layer / expert).
 2. :func:`hf_sources` says which HF tensors make that parameter and how (``copy``, ``qkv``
-   per-group interleave, ``glu`` gate/up concatenation).
+   per-group interleave, ``glu`` gate/up concatenation, ``gate_up`` the dense families' fused
+   ``gate_up_proj``, which already is that concatenation).
 3. :func:`combine` builds the full (unsharded) Megatron tensor from the HF tensors and
    :func:`split` inverts it; :func:`shard` cuts this rank's TP slice.
 
@@ -14,7 +15,8 @@ Layout facts (docs/ARCHITECTURE.md §6): Megatron's fused QKV weight interleaves
 ``[q (heads_per_group·hd) | k (hd) | v (hd)]`` for each group, so a contiguous TP slice of it is
 whole groups; SwiGLU ``linear_fc1`` is ``cat(gate, up)`` *per TP rank*, so a TP slice is
 ``cat(gate_slice, up_slice)``, not a slice of the concatenation. The router's expert bias is
-kept in fp32. The MTP layer is HF layer index ``num_hidden_layers + k``.
+kept in fp32. The MTP layer is HF layer index ``num_hidden_layers + k``. The ``glm4`` sandwich
+norms carry HF's names (``post_self_attn_layernorm``, ``post_mlp_layernorm``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class MappingError(ValueError):
 class Source:
     """How one Megatron tensor is made from HF tensors."""
 
-    kind: str  # "copy" | "qkv" | "glu"
+    kind: str  # "copy" | "qkv" | "glu" | "gate_up"
     hf_names: tuple[str, ...]
 
 
@@ -120,12 +122,14 @@ def global_name(
     return f"{block}.layers.{index}.{rest}"
 
 
-def _layer_sources(prefix: str, rest: str) -> Source | None:
+def _layer_sources(prefix: str, rest: str, cfg: GLMConfig) -> Source | None:
     """Sources for a decoder-layer parameter named ``rest`` under HF ``prefix``."""
     attn = prefix + "self_attn."
     simple = {
         "input_layernorm.weight": prefix + "input_layernorm.weight",
         "pre_mlp_layernorm.weight": prefix + "post_attention_layernorm.weight",
+        "post_self_attn_layernorm.weight": prefix + "post_self_attn_layernorm.weight",
+        "post_mlp_layernorm.weight": prefix + "post_mlp_layernorm.weight",
         "self_attention.linear_proj.weight": attn + "o_proj.weight",
         "self_attention.q_layernorm.weight": attn + "q_norm.weight",
         "self_attention.k_layernorm.weight": attn + "k_norm.weight",
@@ -139,6 +143,8 @@ def _layer_sources(prefix: str, rest: str) -> Source | None:
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
         return Source("qkv", tuple(f"{attn}{p}_proj.{kind}" for p in "qkv"))
+    if rest == "mlp.linear_fc1.weight" and cfg.family.fused_gate_up:
+        return Source("gate_up", (prefix + "mlp.gate_up_proj.weight",))
     if rest == "mlp.linear_fc1.weight":
         return Source("glu", (prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"))
     if rest == "mlp.shared_experts.linear_fc1.weight":
@@ -167,7 +173,7 @@ def hf_sources(name: str, cfg: GLMConfig) -> Source:
     if match:
         block, index, rest = match.group(1), int(match.group(2)), match.group(3)
         if block == "decoder":
-            source = _layer_sources(f"model.layers.{index}.", rest)
+            source = _layer_sources(f"model.layers.{index}.", rest, cfg)
         else:
             prefix = f"model.layers.{cfg.num_hidden_layers + index}."
             mtp_own = {
@@ -179,7 +185,7 @@ def hf_sources(name: str, cfg: GLMConfig) -> Source:
             if rest in mtp_own:
                 source = Source("copy", (mtp_own[rest],))
             elif rest.startswith("transformer_layer."):
-                source = _layer_sources(prefix, rest[len("transformer_layer."):])
+                source = _layer_sources(prefix, rest[len("transformer_layer."):], cfg)
             else:
                 source = None
         if source is not None:
@@ -189,7 +195,7 @@ def hf_sources(name: str, cfg: GLMConfig) -> Source:
 
 def combine(source: Source, tensors: list[torch.Tensor], cfg: GLMConfig) -> torch.Tensor:
     """Full (TP-unsharded) Megatron tensor from the HF tensors of ``source``."""
-    if source.kind == "copy":
+    if source.kind in ("copy", "gate_up"):
         return tensors[0]
     if source.kind == "glu":
         return torch.cat(tensors, dim=0)
@@ -207,7 +213,7 @@ def combine(source: Source, tensors: list[torch.Tensor], cfg: GLMConfig) -> torc
 
 def split(source: Source, full: torch.Tensor, cfg: GLMConfig) -> list[torch.Tensor]:
     """Inverse of :func:`combine`: the HF tensors, in ``source.hf_names`` order."""
-    if source.kind == "copy":
+    if source.kind in ("copy", "gate_up"):
         return [full]
     if source.kind == "glu":
         return list(torch.chunk(full, 2, dim=0))
@@ -231,7 +237,7 @@ def shard(full: torch.Tensor, source: Source, partition_dim: int | None, rank: i
             f"dimension {partition_dim} of size {full.shape[partition_dim]} does not split over "
             f"{size} tensor-parallel ranks"
         )
-    if source.kind == "glu" and partition_dim == 0:
+    if source.kind in ("glu", "gate_up") and partition_dim == 0:
         gate, up = torch.chunk(full, 2, dim=0)
         return torch.cat([torch.chunk(gate, size, 0)[rank], torch.chunk(up, size, 0)[rank]], 0)
     return torch.chunk(full, size, dim=partition_dim)[rank]
@@ -309,16 +315,26 @@ def read_shard(source: Source, cfg: GLMConfig, reader: TensorReader, dim: int | 
                  reader.read_slice(v, 0, rank * kv_rows, (rank + 1) * kv_rows)]
         local = cfg.replace(num_key_value_heads=groups, num_attention_heads=groups * per_group)
         return combine(source, parts, local)
+    if source.kind == "gate_up":
+        # This rank's rows of the gate half, then the same rows of the up half.
+        (name,) = source.hf_names
+        half = reader.shape(name)[0] // 2
+        step = _split_length(name, half, size)
+        return torch.cat([reader.read_slice(name, 0, start + rank * step, start + (rank + 1) * step)
+                          for start in (0, half)], dim=0)
     parts = []
     for name in source.hf_names:
-        length = reader.shape(name)[dim]
-        if length % size:
-            raise MappingError(
-                f"{name}: dimension {dim} of size {length} does not split over {size} ranks"
-            )
-        step = length // size
+        step = _split_length(name, reader.shape(name)[dim], size, dim)
         parts.append(reader.read_slice(name, dim, rank * step, (rank + 1) * step))
     return combine(source, parts, cfg)
+
+
+def _split_length(name: str, length: int, size: int, dim: int = 0) -> int:
+    if length % size:
+        raise MappingError(
+            f"{name}: dimension {dim} of size {length} does not split over {size} ranks"
+        )
+    return length // size
 
 
 def load_hf_weights(

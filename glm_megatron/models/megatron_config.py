@@ -68,7 +68,8 @@ def to_transformer_config(
         add_bias_linear=False,
         add_qkv_bias=cfg.attention_bias,
         qk_layernorm=cfg.use_qk_norm,
-        rotary_interleaved=False,
+        # Dense GLM-4 rotates adjacent channel pairs; GLM-4.5/4.6 the two rotary halves.
+        rotary_interleaved=cfg.family.rotary_interleaved,
         hidden_dropout=hidden_dropout,
         attention_dropout=attention_dropout,
         init_method_std=cfg.initializer_range,
@@ -97,7 +98,7 @@ def to_transformer_config(
         recompute_granularity=recompute_granularity,
         recompute_method="uniform" if recompute_granularity == "full" else None,
         recompute_num_layers=1 if recompute_granularity == "full" else None,
-        mtp_num_layers=cfg.num_nextn_predict_layers if build_mtp else None,
+        mtp_num_layers=(cfg.num_nextn_predict_layers or None) if build_mtp else None,
         **moe,
         **overrides,
     )

@@ -1,7 +1,8 @@
 """Our Megatron model vs HF transformers on the same tokens: max |Δlogits| and top-1 agreement.
 
 Used by ``tools/verify_hf_parity.py`` after every conversion. Rank 0 runs the HF reference
-(``Glm4MoeForCausalLM``) and broadcasts its logits; the last pipeline stage compares. For models
+(the class config.json names: ``Glm4MoeForCausalLM``, ``GlmForCausalLM`` or ``Glm4ForCausalLM``,
+through ``AutoModelForCausalLM``) and broadcasts its logits; the last pipeline stage compares. For models
 too large for one host, ``num_layers`` truncates both models to their first layers (embedding,
 first layers, final norm and output layer are still checked).
 """
@@ -32,14 +33,14 @@ class ParityReport:
 
 
 def _hf_logits(hf_dir: str, cfg: GLMConfig, ids: torch.Tensor, dtype) -> torch.Tensor:
-    from transformers import AutoConfig, Glm4MoeForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     # The load report lists the MTP tensors transformers ignores; not news to our users.
     hf_logging.set_verbosity_error()
     hf_config = AutoConfig.from_pretrained(hf_dir)
     hf_config.num_hidden_layers = cfg.num_hidden_layers
-    model = Glm4MoeForCausalLM.from_pretrained(hf_dir, config=hf_config, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, config=hf_config, dtype=dtype)
     model.eval()
     with torch.no_grad():
         return model(input_ids=ids).logits.float()

@@ -1,8 +1,13 @@
-"""Named GLM-4.x configurations: the released models and tiny ones for tests and the demo."""
+"""Named GLM configurations: the released models and tiny ones for tests and the demo.
+
+Dense presets follow the released ``config.json`` files: ``glm4-9b`` = THUDM/glm-4-9b-hf and
+glm-4-9b-chat-hf (``glm``), ``glm4-9b-0414`` = THUDM/GLM-4-9B-0414 and ``glm4-32b-0414`` =
+THUDM/GLM-4-32B-0414 (``glm4``, sandwich norms; GLM-Z1 models share these shapes).
+"""
 
 from __future__ import annotations
 
-from .config import ConfigError, GLMConfig
+from .config import ConfigError, GLMConfig, dense_config
 
 _GLM45_355B = GLMConfig(
     vocab_size=151552, hidden_size=5120, intermediate_size=12288, num_hidden_layers=92,
@@ -10,6 +15,13 @@ _GLM45_355B = GLMConfig(
     rope_theta=1_000_000.0, partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
     moe_intermediate_size=1536, n_routed_experts=160, n_shared_experts=1, num_experts_per_tok=8,
     first_k_dense_replace=3, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+)
+
+_TINY_DENSE = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+    rope_theta=10_000.0, rms_norm_eps=1e-5, eos_token_id=[2], pad_token_id=0,
+    initializer_range=0.05,
 )
 
 PRESETS: dict[str, GLMConfig] = {
@@ -41,6 +53,17 @@ PRESETS: dict[str, GLMConfig] = {
         first_k_dense_replace=1, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
         eos_token_id=[2], pad_token_id=0,
     ),
+    # Dense GLM-4-9B(-chat): transformers' GlmConfig defaults are this model.
+    "glm4-9b": dense_config("glm"),
+    "glm4-9b-0414": dense_config("glm4", rms_norm_eps=1e-5, max_position_embeddings=32768),
+    "glm4-32b-0414": dense_config(
+        "glm4", hidden_size=6144, intermediate_size=23040, num_hidden_layers=61,
+        num_attention_heads=48, num_key_value_heads=2, rms_norm_eps=1e-5,
+        max_position_embeddings=32768,
+    ),
+    # Tiny dense models for tests, one per family: 4 layers, GQA, partial interleaved rotary.
+    "glm4-9b-tiny": dense_config("glm", **_TINY_DENSE),
+    "glm4-0414-tiny": dense_config("glm4", **_TINY_DENSE),
 }
 
 

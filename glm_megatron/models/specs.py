@@ -1,4 +1,4 @@
-"""GLM-4.x layer specs for Megatron's ``GPTModel``.
+"""GLM layer specs for Megatron's ``GPTModel`` (MoE and dense families).
 
 Transformer Engine specs on GPU when TE is installed (fused layernorm-linear, grouped experts);
 Megatron's local specs otherwise, with :class:`GLMRMSNorm` in every norm slot so sequence
@@ -8,6 +8,9 @@ parallelism works without TE (Megatron's ``WrappedTorchNorm`` refuses it), and
 A hand-built block spec lists only the current pipeline stage's layers, exactly as
 ``get_gpt_decoder_block_spec`` does; listing all layers would give each stage the whole model and
 checkpoint shard offsets would come out wrong.
+
+The ``glm4`` family's sandwich norms swap the layer class for :class:`.sandwich.SandwichNormLayer`
+in every layer spec, on both paths.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from .attention import SDPAttention
 from .norm import GLMRMSNorm
+from .sandwich import SandwichNormLayer
 
 
 def use_transformer_engine() -> bool:
@@ -79,13 +83,23 @@ def _local_block_spec(config: TransformerConfig, vp_stage: int | None) -> Transf
     )
 
 
-def glm_block_spec(config: TransformerConfig, vp_stage: int | None = None):
+def _with_sandwich_norms(block: TransformerBlockSubmodules) -> TransformerBlockSubmodules:
+    block = copy.deepcopy(block)
+    for layer in block.layer_specs:
+        layer.module = SandwichNormLayer
+    return block
+
+
+def glm_block_spec(config: TransformerConfig, vp_stage: int | None = None, *,
+                   sandwich_norms: bool = False):
     """The decoder block spec of this pipeline stage (and virtual stage)."""
     if use_transformer_engine():
-        return get_gpt_decoder_block_spec(
+        block = get_gpt_decoder_block_spec(
             config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
         )
-    return _local_block_spec(config, vp_stage)
+    else:
+        block = _local_block_spec(config, vp_stage)
+    return _with_sandwich_norms(block) if sandwich_norms else block
 
 
 def glm_mtp_block_spec(config: TransformerConfig, block_spec, vp_stage: int | None = None):

@@ -1,4 +1,8 @@
-"""Tiny random GLM-4.x MoE checkpoints made with HF transformers: the oracle for our model.
+"""Tiny random GLM checkpoints made with HF transformers: the oracle for our model.
+
+``make_tiny_hf_checkpoint``: GLM-4.5/4.6-shaped MoE (``Glm4MoeForCausalLM``);
+``make_tiny_dense_hf_checkpoint``: dense GLM-4-9B (``glm``, ``GlmForCausalLM``) or GLM-4-0414
+(``glm4``, ``Glm4ForCausalLM``, sandwich norms).
 
 HF initialises the router weight and expert bias to zeros (every token would tie), so every
 tensor is re-drawn here: routing, QK norms and biases must all matter for a parity test to mean
@@ -98,6 +102,32 @@ def make_tiny_hf_checkpoint(out_dir: str, *, seed: int = 0, with_mtp: bool = Tru
         save_file(tensors, file, metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as fh:
         assert json.load(fh)["model_type"] == "glm4_moe"
+    return out_dir
+
+
+TINY_DENSE_HF_CONFIG = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True,
+    rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=False,
+    # No pad id: HF's embedding would zero the pad row's gradient (padding_idx), Megatron's not.
+    pad_token_id=None, eos_token_id=[2],
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+)
+DENSE_CLASSES = {"glm": ("GlmConfig", "GlmForCausalLM"), "glm4": ("Glm4Config", "Glm4ForCausalLM")}
+
+
+def make_tiny_dense_hf_checkpoint(out_dir: str, model_type: str = "glm", *, seed: int = 0,
+                                  **overrides) -> str:
+    """Save a random tiny dense GLM (fp32) of ``model_type`` (``glm`` or ``glm4``)."""
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, n) for n in DENSE_CLASSES[model_type])
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**TINY_DENSE_HF_CONFIG, **overrides})).float()
+    _randomize(model, seed)
+    model.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as fh:
+        assert json.load(fh)["model_type"] == model_type
     return out_dir
 
 

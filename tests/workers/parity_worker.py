@@ -1,5 +1,8 @@
 """Distributed worker: our Megatron GLM vs HF transformers at several layouts in one launch.
 
+The HF reference is whatever class the checkpoint's config.json names (``Glm4MoeForCausalLM``,
+``GlmForCausalLM`` or ``Glm4ForCausalLM``), loaded through ``AutoModelForCausalLM``.
+
 Launched by tests/test_hf_parity.py under torchrun (gloo). For each layout it builds the model
 through the shared parallel layer, loads the HF weights, and records (on rank 0, as JSON):
 logits difference and top-1 agreement, LM loss, and the worst relative gradient error after one
@@ -45,11 +48,11 @@ LAYOUTS = {
 
 
 def hf_reference(hf_dir, ids, labels):
-    from transformers import Glm4MoeForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from helpers.tiny_hf import hf_grads_by_disk_name
 
-    model = Glm4MoeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.eval()
     logits = model(input_ids=ids).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
@@ -87,7 +90,8 @@ def grad_errors(chunks, cfg, hf_grads):
 
 
 def check_mtp_and_checkpoint(cfg, layout, ckpt, reader):
-    """MTP builds and loads from the HF tensors; a torch_dist save/load round-trips every tensor."""
+    """MTP (when the model has one) builds and loads from the HF tensors; a torch_dist
+    save/load round-trips every tensor."""
     chunks, _ = build_glm_model(cfg, layout, build_mtp=True)
     load_hf_into_model(chunks, cfg, reader)
     model = chunks[0]
@@ -108,7 +112,8 @@ def main():
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--layouts", default="tp1,tp2sp,ep2,pp2")
-    parser.add_argument("--mtp-layouts", default="tp2sp,ep2")
+    parser.add_argument("--mtp-layouts", default="tp2sp,ep2",
+                        help="layouts that also check MTP loading and a torch_dist round trip")
     parser.add_argument("--ckpt-dir", required=True, help="torch_dist checkpoints go here, per layout")
     args = parser.parse_args()
 
@@ -152,7 +157,7 @@ def main():
         res["grad_max_rel_err"], res["grad_worst_param"], res["grads_checked"] = grad_errors(
             ddp, cfg, hf_grads
         )
-        if name in args.mtp_layouts.split(","):
+        if name in args.mtp_layouts.split(","):  # "" splits to [""]: no layout
             res.update(check_mtp_and_checkpoint(
                 cfg, ctx.layout, os.path.join(args.ckpt_dir, name), reader))
         gathered = [None] * dist.get_world_size()
