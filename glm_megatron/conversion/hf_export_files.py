@@ -49,9 +49,12 @@ def find_tokenizer_dir(*candidates: str | None) -> str | None:
     return None
 
 
-def copy_tokenizer(src: str, out_dir: str) -> list[str]:
-    """Copy the tokenizer files; make sure tokenizer_config.json carries a GLM chat template."""
-    from ..data.chat_template import GLM45_JINJA
+def copy_tokenizer(src: str, out_dir: str, model_type: str = "glm4_moe") -> list[str]:
+    """Copy the tokenizer files; make sure tokenizer_config.json carries a GLM chat template.
+
+    A tokenizer without one gets the template of ``model_type`` (the model's config.json).
+    """
+    from ..data.chat_template import JINJA_TEMPLATES, template_for_model_type
 
     copied = []
     for name in TOKENIZER_FILES:
@@ -66,7 +69,7 @@ def copy_tokenizer(src: str, out_dir: str) -> list[str]:
     has_template = config.get("chat_template") or "chat_template.jinja" in copied
     if not has_template:
         # The released GLM tokenizers ship their own template; ours is for tokenizers without.
-        config["chat_template"] = GLM45_JINJA
+        config["chat_template"] = JINJA_TEMPLATES[template_for_model_type(model_type)]
         _write(config_file, config)
         if "tokenizer_config.json" not in copied:
             copied.append("tokenizer_config.json")

@@ -152,7 +152,7 @@ def convert_megatron_to_hf(
         tok = hf_export_files.find_tokenizer_dir(tokenizer_dir, hf_config_dir, info.get("source"))
         if tokenizer_dir and tok is None:
             raise ConfigError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model found")
-        copied = hf_export_files.copy_tokenizer(tok, tmp) if tok else []
+        copied = hf_export_files.copy_tokenizer(tok, tmp, cfg.model_type) if tok else []
         hf_export_files.write_generation_config(tmp, cfg, tok)
         output_dir.finish(out_dir)
         summary.update(tensors=len(weight_map), bytes=total_bytes, tokenizer=copied,

@@ -7,8 +7,9 @@
 
 The layout is transformers' ``*ForSequenceClassification`` one: the trunk under ``model.*``
 (exactly what ``megatron-to-hf`` writes for the LM, by the same shared mapping), no ``lm_head``,
-and ``score.weight`` [1, H]; ``config.json`` says ``architectures:
-["Glm4MoeForSequenceClassification"]``, ``num_labels: 1`` and carries the reward normalisation
+and ``score.weight`` [1, H]; ``config.json`` names the family's class
+(``Glm4MoeForSequenceClassification``, ``GlmForSequenceClassification`` or
+``Glm4ForSequenceClassification``), ``num_labels: 1`` and carries the reward normalisation
 statistics. The reward of a sequence is ``score(final_norm(h))`` at its last non-padding token
 (HF reads the last token that is not ``pad_token_id``, so right-pad with it).
 Single process: a reward model is read one decoder layer at a time, like the LM converter.
@@ -99,7 +100,7 @@ def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = 
         raise ConfigError(f"{weights}: checkpoint lacks {len(missing)} tensor(s): {missing[:20]}")
     write_index(tmp, weight_map, total_bytes)
     config = cfg.to_hf_dict()
-    config.update(architectures=["Glm4MoeForSequenceClassification"], num_labels=1,
+    config.update(architectures=[cfg.family.sequence_classification_class], num_labels=1,
                   id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
                   torch_dtype=main_dtype or "float32",
                   reward_normalization=info.get("normalization"))
@@ -107,7 +108,7 @@ def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = 
     tok = hf_export_files.find_tokenizer_dir(tokenizer_dir)
     if tokenizer_dir and tok is None:
         raise ConfigError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model found")
-    copied = hf_export_files.copy_tokenizer(tok, tmp) if tok else []
+    copied = hf_export_files.copy_tokenizer(tok, tmp, cfg.model_type) if tok else []
     output_dir.finish(out_dir)
     return {"tensors": len(weight_map), "bytes": total_bytes, "shards": len(shards),
             "mtp": with_mtp, "tokenizer": copied, "seconds": time.time() - start}

@@ -18,15 +18,20 @@ def is_dist_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "metadata.json"))
 
 
+# Every decoder layer under its own global index (``decoder.layers.7.…``), dense models too:
+# Megatron would otherwise stack the layers of a homogeneous (dense) model into one tensor per
+# name with a leading layer axis; one key layout for all families keeps the HF mapping and the
+# converters simple (Megatron is deprecating the stacked layout as well).
+_SHARDED_METADATA = {"non_homogeneous_layers": True}
+
+
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     """The Megatron sharded state dict of this rank's model chunks (what ``dist_checkpointing``
     saves and loads; the distributed optimizer's sharded state is built on top of it)."""
-    if len(chunks) == 1:
-        return chunks[0].sharded_state_dict()
-    # Virtual pipeline chunks share one checkpoint: each chunk's keys are global already.
     merged = {}
+    # Virtual pipeline chunks share one checkpoint: each chunk's keys are global already.
     for chunk in chunks:
-        merged.update(chunk.sharded_state_dict())
+        merged.update(chunk.sharded_state_dict(metadata=dict(_SHARDED_METADATA)))
     return merged
 
 
