@@ -93,3 +93,31 @@ def test_global_names_cover_pipeline_expert_and_te_naming():
     assert global_name("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
                        layer_offset=1, expert_offset=0) == "decoder.layers.1.input_layernorm.weight"
     assert hf_sources("mtp.layers.0.eh_proj.weight", CFG).hf_names == ("model.layers.4.eh_proj.weight",)
+
+
+DENSE = get_preset("glm4-0414-tiny")  # fused gate_up_proj, sandwich norms
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_fused_gate_up_shards_are_gate_rows_then_up_rows(size):
+    f, h = DENSE.intermediate_size, DENSE.hidden_size
+    source = hf_sources("decoder.layers.1.mlp.linear_fc1.weight", DENSE)
+    assert source == Source("gate_up", ("model.layers.1.mlp.gate_up_proj.weight",))
+    gate_up = torch.randn(2 * f, h, generator=torch.Generator().manual_seed(1))
+    gate, up = gate_up[:f], gate_up[f:]
+    reader = DictReader({source.hf_names[0]: gate_up})
+    full = combine(source, [gate_up], DENSE)
+    step = f // size
+    for rank in range(size):
+        # Megatron's fc1 on a TP rank: that rank's gate rows, then its up rows (not a slice of
+        # the concatenation).
+        expected = torch.cat([gate[rank * step:(rank + 1) * step], up[rank * step:(rank + 1) * step]])
+        assert torch.equal(read_shard(source, DENSE, reader, 0, rank, size), expected)
+        assert torch.equal(shard(full, source, 0, rank, size), expected)
+    assert torch.equal(split(source, full, DENSE)[0], gate_up)
+
+
+def test_sandwich_norms_keep_their_hf_names():
+    for norm in ("post_self_attn_layernorm", "post_mlp_layernorm"):
+        assert hf_sources(f"decoder.layers.2.{norm}.weight", DENSE) == \
+            Source("copy", (f"model.layers.2.{norm}.weight",))
