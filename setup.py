@@ -37,7 +37,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         # Hugging Face's `kernels` is installed so tests/test_kernels_package.py can show it and our
         # glm_kernels side by side in one process (it needs no torch of its own).
-        "test": ["pytest", "pytest-timeout", "ruff", "kernels"],
+        # peft is the oracle of the LoRA tests (our adapter files are peft's format; the
+        # library writes and reads them without importing peft).
+        "test": ["pytest", "pytest-timeout", "ruff", "kernels", "peft==0.21.2"],
     },
     entry_points={"console_scripts": ["glm-megatron=glm_megatron.__main__:main"]},
 )

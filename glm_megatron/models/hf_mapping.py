@@ -29,6 +29,7 @@ from typing import Protocol
 import torch
 
 from .config import GLMConfig
+from .lora_names import is_adapter_param
 
 
 class MappingError(ValueError):
@@ -274,6 +275,8 @@ def iter_local_tensors(model, cfg: GLMConfig, *, ep_rank: int, ep_size: int) -> 
     named = list(model.named_parameters())
     named += [(n, b) for n, b in model.named_buffers() if n.endswith("router.expert_bias")]
     for local_name, tensor in named:
+        if is_adapter_param(local_name):
+            continue  # LoRA adapters are not HF model weights (models/lora.py maps them)
         name = global_name(local_name, layer_offset=layer_offset, expert_offset=expert_offset)
         source = hf_sources(name, cfg)
         yield LocalTensor(

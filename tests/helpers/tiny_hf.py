@@ -197,3 +197,26 @@ def read_all_tensors(hf_dir: str) -> dict:
     for file in files:
         out.update(load_file(os.path.join(hf_dir, file)))
     return out
+
+
+def make_random_peft_adapter(hf_dir: str, out_dir: str, targets, *, r: int = 4,
+                             alpha: float = 8.0, seed: int = 0, use_rslora: bool = False) -> str:
+    """A PEFT LoRA adapter for the model in ``hf_dir`` with A and B both random (PEFT starts B at
+    zero, which would hide every B-path error), saved by peft itself."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
+        LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                   target_modules=targets if isinstance(targets, str) else list(targets),
+                   init_lora_weights=False, use_rslora=use_rslora),
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out_dir)
+    return out_dir
