@@ -49,6 +49,9 @@ def parse_args(argv):
     b.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: as converted from)")
     b.add_argument("--max-shard-size-gb", type=float, default=5.0)
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    b.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA run: write its PEFT adapter (adapter_config.json + "
+                        "adapter_model.safetensors) instead of the merged model")
 
     c = sub.add_parser("reward-to-hf",
                        help="reward-model checkpoint -> HF sequence-classification directory")
@@ -104,8 +107,12 @@ def megatron_to_hf(args) -> None:
         max_shard_bytes=int(args.max_shard_size_gb * 2**30), overwrite=args.overwrite,
         rank=env.rank, world_size=env.world_size,
         barrier=dist.barrier if env.world_size > 1 else (lambda: None),
+        adapter_only=args.adapter_only,
     )
-    if env.rank == 0:
+    if env.rank == 0 and args.adapter_only:
+        print(f"wrote {args.output_dir}: PEFT LoRA adapter, {summary['tensors']} tensors "
+              f"(base: {summary['base']}), in {summary['seconds']:.1f} s")
+    elif env.rank == 0:
         tok = ", tokenizer: " + " ".join(summary["tokenizer"]) if summary.get("tokenizer") else ""
         print(f"wrote {args.output_dir}: {summary['tensors']} tensors in {summary['shards']} "
               f"shard(s), {summary['bytes'] / 2**30:.3f} GiB, MTP "

@@ -21,11 +21,12 @@ import time
 import torch
 from safetensors.torch import save_file
 
+from ..models.checkpoint import is_dist_checkpoint
 from ..models.checkpoint_dirs import REWARD_FILE, is_reward_checkpoint
 from ..models.config import ConfigError, GLMConfig
 from ..models.hf_layout import checkpoint_key_entries, expected_hf_tensors
 from ..models.hf_mapping import MappingError, hf_sources, split
-from . import hf_export_files, output_dir, weights_dir
+from . import hf_export_files, lora_export, output_dir, weights_dir
 from .dist_reader import TorchDistReader
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -94,11 +95,22 @@ def convert_megatron_to_hf(
     rank: int = 0,
     world_size: int = 1,
     barrier=lambda: None,
+    adapter_only: bool = False,
+    adjust=None,
 ) -> dict:
-    """Write the HF directory. With ``world_size`` > 1 each rank writes every world_size-th shard."""
+    """Write the HF directory. With ``world_size`` > 1 each rank writes every world_size-th shard.
+
+    A LoRA run's checkpoint exports merged into its base, or with ``adapter_only`` as a PEFT
+    adapter (:mod:`.lora_export`); ``adjust(hf_name, tensor)`` is how the merge reaches here.
+    """
     start = time.time()
     output_dir.check_output_dir(out_dir, overwrite)
     weights = weights_dir.resolve_weights_dir(load)
+    if lora_export.is_lora_checkpoint(weights):
+        return _export_lora_run(weights, out_dir, adapter_only, start, locals())
+    if adapter_only:
+        raise ConfigError(f"--adapter-only: {weights} holds no LoRA adapters "
+                          f"({lora_export.BASE_FILE} missing)")
     if is_reward_checkpoint(weights):
         raise ConfigError(f"--load: {weights} is a reward model ({REWARD_FILE} beside it), not a "
                           "causal LM: export it with tools/convert_checkpoint.py reward-to-hf")
@@ -125,6 +137,7 @@ def convert_megatron_to_hf(
             for key in unit_keys:
                 for hf_name, t in checkpoint_tensor_to_hf(key, loaded.pop(key), cfg).items():
                     target = dtype or hf_dtypes.get(hf_name) or t.dtype
+                    t = adjust(hf_name, t) if adjust is not None else t
                     tensors[hf_name] = t.to(target)
                 if bar is not None:
                     bar.update(1)
@@ -212,3 +225,37 @@ def _bar(enabled: bool, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="megatron-to-hf", unit="tensor", mininterval=2.0)
+
+
+def _export_lora_run(weights: str, out_dir: str, adapter_only: bool, start: float,
+                     call: dict) -> dict:
+    """A LoRA checkpoint: its PEFT adapter, or its base exported with the adapters merged."""
+    cfg = weights_dir.read_model_config(weights, call["hf_config_dir"])
+    summary = {"tensors": 0, "bytes": 0, "shards": 1, "mtp": False, "tokenizer": []}
+    if adapter_only:
+        tmp = output_dir.partial_path(out_dir)
+        if call["rank"] == 0:
+            output_dir.start(out_dir)
+            summary.update(lora_export.export_adapter(weights, tmp, cfg.family.causal_lm_class))
+            output_dir.finish(out_dir)
+        call["barrier"]()
+        return dict(summary, seconds=time.time() - start)
+    base, adjust, unmerged = lora_export.merge_function(weights)
+    if not os.path.isdir(base):
+        raise ConfigError(f"{weights}: its base weights {base} are gone "
+                          f"({lora_export.BASE_FILE}); export with --adapter-only")
+    if is_dist_checkpoint(base):
+        summary = convert_megatron_to_hf(
+            base, out_dir, **{k: call[k] for k in (
+                "hf_config_dir", "tokenizer_dir", "dtype", "max_shard_bytes", "overwrite",
+                "progress", "rank", "world_size", "barrier")}, adjust=adjust)
+    elif call["rank"] == 0:
+        tmp = output_dir.partial_path(out_dir)
+        output_dir.start(out_dir)
+        summary.update(lora_export.write_merged_hf_copy(base, tmp, adjust))
+        output_dir.finish(out_dir)
+    left = unmerged()
+    if left and call["world_size"] == 1:
+        raise ConfigError(f"{weights}: {len(left)} adapted weight(s) not found in the base "
+                          f"{base}: {left[:5]}")
+    return dict(summary, seconds=time.time() - start)

@@ -43,7 +43,8 @@ from ..models.checkpoint_dirs import (
     latest_checkpoint,
     list_checkpoints,
 )
-from ..models.config import GLMConfig
+from ..models.config import ConfigError, GLMConfig
+from ..models.lora_files import BASE_FILE, check_same_base, read_adapter_base
 from .config import TrainConfigError
 from .megatron_workarounds import (
     load_optimizer_state,
@@ -136,7 +137,10 @@ def _write_json_atomic(path: str, data) -> None:
 def _save_engine(engine, path: str) -> None:
     from megatron.core import dist_checkpointing
 
-    save_model_weights(engine.modules, os.path.join(path, "model"))
+    base = getattr(engine, "adapter_base", None)
+    save_model_weights(engine.modules, os.path.join(path, "model"), adapters_only=base is not None)
+    if base is not None and dist.get_rank() == 0:
+        _write_json_atomic(os.path.join(path, "model", BASE_FILE), base)
     dist_checkpointing.save(optimizer_sharded_state_dict(engine.optimizer, engine.modules, False),
                             os.path.join(path, "optimizer"))
 
@@ -144,7 +148,17 @@ def _save_engine(engine, path: str) -> None:
 def _load_engine(engine, path: str, scheduler_state: dict) -> None:
     from megatron.core import dist_checkpointing
 
-    load_model_weights(engine.modules, os.path.join(path, "model"))
+    base = getattr(engine, "adapter_base", None)
+    if base is not None:
+        saved = read_adapter_base(os.path.join(path, "model"))
+        if saved is None:
+            raise TrainConfigError(f"checkpoint.resume: {path} holds no LoRA adapters "
+                                   f"({BASE_FILE} missing) but this run uses model.use_peft")
+        try:
+            check_same_base(saved, base, f"checkpoint.resume: {path}")
+        except ConfigError as err:
+            raise TrainConfigError(str(err)) from None
+    load_model_weights(engine.modules, os.path.join(path, "model"), adapters_only=base is not None)
     materialize_optimizer_state(engine.optimizer)
     opt_state = dist_checkpointing.load(
         optimizer_sharded_state_dict(engine.optimizer, engine.modules, True),

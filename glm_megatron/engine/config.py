@@ -48,6 +48,14 @@ class ModelSection:
     freeze_embeddings: bool = False
     freeze_encoder_layers: int = 0  # the bottom N decoder layers get no updates
     build_mtp: bool = False  # keep GLM's MTP layer in the model (not trained by the SFT loss)
+    # LoRA, under TRL's ModelConfig names (the ChatGLM4 tutorial's keys): models/lora.py.
+    use_peft: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str | None = None  # HF names or "all-linear"; None: q, k, v
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    lora_adapter: str | None = None  # a PEFT adapter directory to start from (continue training)
 
 
 @dataclass
@@ -206,6 +214,11 @@ def _coerce(key: str, value, tp):
                 pass
         raise TrainConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} "
                                f"{value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise TrainConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     ok = False
     if tp is bool:
         ok = isinstance(value, bool)
@@ -307,12 +320,26 @@ def validate_optim(o: OptimConfig, section: str) -> None:
     require(o.gradient_clipping >= 0, f"{section}.gradient_clipping must be >= 0 (0 disables it)")
 
 
+def validate_lora_keys(m: ModelSection) -> None:
+    """The LoRA keys' own ranges (targets are checked against the model in model_setup)."""
+    if not m.use_peft:
+        require(m.lora_adapter is None, "model.lora_adapter needs model.use_peft: true")
+        return
+    require(m.lora_r >= 1, "model.lora_r must be >= 1")
+    require(m.lora_alpha > 0, "model.lora_alpha must be > 0")
+    require(0 <= m.lora_dropout < 1, "model.lora_dropout must be in [0, 1)")
+    require(not (m.freeze_embeddings or m.freeze_encoder_layers),
+            "model.freeze_embeddings / model.freeze_encoder_layers: with model.use_peft every "
+            "base weight is frozen already")
+
+
 def validate_common(cfg) -> None:
     m, t, d, c, e, lg = cfg.model, cfg.training, cfg.data, cfg.checkpoint, cfg.evaluation, cfg.logging
     require(not (m.preset and m.hf_config), "model.preset and model.hf_config are exclusive")
     require(not (m.load_checkpoint and m.hf_checkpoint),
             "model.load_checkpoint and model.hf_checkpoint are exclusive (one source of weights)")
     require(m.freeze_encoder_layers >= 0, "model.freeze_encoder_layers must be >= 0")
+    validate_lora_keys(m)
     validate_optim(t, "training")
     require(t.min_learning_rate <= t.learning_rate,
             "training.min_learning_rate must be in [0, training.learning_rate]")

@@ -69,9 +69,13 @@ class ModelRunner:
 class Engine(ModelRunner):
     """A trainable model: Megatron DDP chunks, the optimizer and the LR schedule."""
 
-    def __init__(self, modules: list[torch.nn.Module], tconfig, t: OptimConfig, total_steps: int):
+    def __init__(self, modules: list[torch.nn.Module], tconfig, t: OptimConfig, total_steps: int,
+                 adapter_base: dict | None = None):
         super().__init__(modules)
         self.tconfig = tconfig
+        # A LoRA model on named base weights (model_setup.adapter_base): its checkpoints hold
+        # the adapters and name the base instead of copying it.
+        self.adapter_base = adapter_base
         self.model = wrap_ddp(modules, tconfig, t)
         self.optimizer = build_optimizer(self.model, t, bf16=tconfig.bf16)
         self.scheduler = build_scheduler(self.optimizer, t, total_steps)

@@ -4,7 +4,9 @@ Architecture comes from ``model.preset``, ``model.hf_config``, the HF checkpoint
 ``model.hf_checkpoint``, or the ``model_config.json`` saved next to ``model.load_checkpoint``'s
 weights (every trainer checkpoint is self-describing). Initial weights come from
 ``model.load_checkpoint`` (torch_dist, any layout) or ``model.hf_checkpoint`` (safetensors); with
-neither, the model is randomly initialised (tests, the demo).
+neither, the model is randomly initialised (tests, the demo). With ``model.use_peft`` the base
+weights are frozen and LoRA adapters are added after they load (from ``model.lora_adapter``, a
+PEFT directory, when given).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from ..models import get_preset, load_hf_config
 from ..models.config import ConfigError, GLMConfig
 from ..models.loading import build_glm_model, load_hf_into_model
+from ..models.lora import LoraSettings, resolve_targets
 from .checkpointing import checkpoint_model_config, resolve_model_dir
 from .config import ModelSection, TrainConfigError, TrainingSection
 from .optimizer import freeze_parameters
@@ -40,6 +43,50 @@ def resolve_glm_config(m: ModelSection) -> GLMConfig:
                                        "set model.preset or model.hf_config to describe the architecture")
     raise TrainConfigError("model: set one of model.preset, model.hf_config, model.hf_checkpoint "
                            "or model.load_checkpoint")
+
+
+def lora_settings(m: ModelSection, glm: GLMConfig) -> LoraSettings | None:
+    """The adapters ``m`` asks for (None without ``model.use_peft``); raises naming the key.
+
+    With ``model.lora_adapter`` the adapter's own adapter_config.json decides r, alpha and the
+    targets; keys in the YAML that disagree with it are refused, naming both.
+    """
+    if not m.use_peft:
+        return None
+    requested = m.lora_target_modules or ["q_proj", "k_proj", "v_proj"]
+    try:
+        settings = LoraSettings(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                                targets=resolve_targets(glm, requested), rslora=m.use_rslora)
+        if m.lora_adapter:
+            from ..models.lora_files import read_peft_adapter
+
+            saved, _, _ = read_peft_adapter(m.lora_adapter)
+            saved = LoraSettings(r=saved.r, alpha=saved.alpha, dropout=m.lora_dropout,
+                                 targets=resolve_targets(glm, saved.targets,
+                                                         key=f"{m.lora_adapter} target_modules"),
+                                 rslora=saved.rslora)
+            explicit = m.lora_target_modules is not None
+            if explicit and set(saved.targets) != set(settings.targets):
+                raise ConfigError(f"model.lora_target_modules {list(settings.targets)} differs "
+                                  f"from model.lora_adapter's {list(saved.targets)}")
+            return saved
+    except ConfigError as err:
+        raise TrainConfigError(str(err)) from None
+    return settings
+
+
+def adapter_base(m: ModelSection, glm: GLMConfig) -> dict | None:
+    """What a LoRA run's checkpoints record about their base (None: not LoRA, or a random base,
+    whose checkpoints then keep every weight)."""
+    lora = lora_settings(m, glm)
+    if lora is None:
+        return None
+    base = resolve_model_dir(m.load_checkpoint) if m.load_checkpoint else m.hf_checkpoint
+    if base is None:
+        return None
+    from ..models.lora_files import adapter_base_record
+
+    return adapter_base_record(base, lora, glm.model_type)
 
 
 def params_dtype(t: TrainingSection) -> torch.dtype:
@@ -72,8 +119,36 @@ def build_trained_model(glm: GLMConfig, m: ModelSection, t: TrainingSection, lay
         load_hf_into_model(chunks, glm, m.hf_checkpoint)
         source = m.hf_checkpoint
     freeze_parameters(chunks, m.freeze_embeddings, m.freeze_encoder_layers)
+    lora = lora_settings(m, glm)
+    if lora is not None:
+        _add_adapters(chunks, glm, m, lora, t.seed)
     _check_every_rank_trains(chunks, m)
     return chunks, tconfig, source
+
+
+def _add_adapters(chunks, glm: GLMConfig, m: ModelSection, lora: LoraSettings, seed: int) -> None:
+    from ..models.lora import attach_lora, load_peft_adapter
+
+    count = attach_lora(chunks, glm, lora, seed=seed)
+    if m.lora_adapter:
+        import torch.distributed as dist
+
+        from ..models.lora_files import read_peft_adapter
+
+        _, tensors, _ = read_peft_adapter(m.lora_adapter)
+        try:
+            used = load_peft_adapter(chunks, glm, tensors, m.lora_adapter)
+        except ConfigError as err:
+            raise TrainConfigError(f"model.lora_adapter: {err}") from None
+        # Nothing may be dropped silently: together the ranks must use every adapter tensor.
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(used))
+        unused = sorted(set(tensors) - set().union(*map(set, gathered)))
+        if unused:
+            raise TrainConfigError(f"model.lora_adapter: {len(unused)} tensor(s) of "
+                                   f"{m.lora_adapter} fit no adapter of this model: {unused[:5]}")
+    log.info("LoRA r=%d alpha=%g on %s: %d adapter parameters on this rank", lora.r, lora.alpha,
+             ", ".join(lora.targets), count)
 
 
 def _check_every_rank_trains(chunks, m: ModelSection) -> None:

@@ -16,7 +16,7 @@ from ..parallel.state import have_transformer_engine
 from . import checkpointing as ckpt
 from .batching import BatchPlan, resolve_batch
 from .config import TrainConfigError
-from .model_setup import resolve_glm_config
+from .model_setup import lora_settings, resolve_glm_config
 
 
 @dataclass
@@ -44,6 +44,7 @@ def _checked_layout(layout, world_size: int, glm, training: bool, what: str):
 def model_layout_plan(cfg, world_size: int):
     """(GLM config, validated training layout, batch plan) of a trainer config."""
     glm = resolve_glm_config(cfg.model)
+    lora_settings(cfg.model, glm)  # bad LoRA targets or adapter files fail before any work
     layout = _checked_layout(cfg.parallel, world_size, glm, True, "parallel")
     return glm, layout, resolve_batch(cfg.training, layout.data_parallel_size(world_size))
 

@@ -20,7 +20,7 @@ from ...engine.batching import BatchPlan, model_pad_id, pad_multiple, tokenized_
 from ...engine.config import TrainConfigError
 from ...engine.engine import Engine
 from ...engine.loop import BatchedTask, run_loop, schedule_from_config
-from ...engine.model_setup import build_trained_model
+from ...engine.model_setup import adapter_base, build_trained_model
 from ...engine.prepare import Prepared, finish_prepare, model_layout_plan
 from ...models.checkpoint_dirs import REWARD_FILE, is_reward_checkpoint
 from ...models.config import model_shape
@@ -109,7 +109,8 @@ def run_rm(cfg, *, log=print):
 
     t = cfg.training
     chunks, tconfig, source = build_reward_model(prep.glm, cfg, ctx.layout)
-    engine = Engine(chunks, tconfig, t, prep.total_steps)
+    engine = Engine(chunks, tconfig, t, prep.total_steps,
+                    adapter_base=adapter_base(cfg.model, prep.glm))
     mult = pad_multiple(ctx.layout)
 
     def batcher(data):

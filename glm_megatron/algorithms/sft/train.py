@@ -15,7 +15,7 @@ import numpy as np
 from ...engine.batching import BatchPlan, model_pad_id, pad_multiple, tokenized_splits
 from ...engine.engine import Engine
 from ...engine.loop import BatchedTask, run_loop, schedule_from_config
-from ...engine.model_setup import build_trained_model
+from ...engine.model_setup import adapter_base, build_trained_model
 from ...engine.prepare import Prepared, finish_prepare, model_layout_plan
 from ...models.config import model_shape
 from ...parallel import read_launch_env
@@ -67,7 +67,8 @@ def run_sft(cfg, *, log=print):
     is_main = ctx.is_main
     t = cfg.training
     chunks, tconfig, source = build_trained_model(prep.glm, cfg.model, t, ctx.layout)
-    engine = Engine(chunks, tconfig, t, prep.total_steps)
+    engine = Engine(chunks, tconfig, t, prep.total_steps,
+                    adapter_base=adapter_base(cfg.model, prep.glm))
     mult = pad_multiple(ctx.layout)
     make = partial(SFTBatcher, max_seq_length=t.max_seq_length, pad_id=model_pad_id(prep.glm),
                    pad_multiple=mult, ignore_index=t.ignore_index, device=ctx.device)
