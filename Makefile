@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 # requirement is already met and pip never downloads the CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: install test bench bench-gpu lint demo demo-stages clean
+.PHONY: install test bench bench-gpu gpu-check lint demo demo-stages clean
 
 install: $(STAMP)
 
@@ -32,6 +33,12 @@ bench: install
 # On a CUDA machine: the Triton kernels' TFLOP/s and GB/s against the device's peak.
 bench-gpu: install
 	$(PY) tools/bench_kernels_gpu.py
+
+# First run on one CUDA GPU (< 8 minutes): environment, kernel tests, bench-gpu, a tiny
+# SFT -> RM -> PPO in bf16 over NCCL, bf16 parity with transformers; one table, also in
+# output/gpu_check/summary.md and summary.json. Exit 3 = no GPU, nothing was checked.
+gpu-check: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check glm_megatron kernels tools tests
