@@ -137,15 +137,17 @@ def test_global_batch_must_match_the_world(seed_file):
         resolve_batch(cfg.training, 3)
 
 
-@pytest.mark.parametrize("name", ["glm46_355b_sft.yaml", "glm45_air_sft.yaml", "tiny_sft/sft_tiny.yaml"])
+@pytest.mark.parametrize("name", ["glm46_355b_sft.yaml", "glm45_air_sft.yaml", "glm4_9b_sft.yaml",
+                                  "tiny_sft/sft_tiny.yaml"])
 def test_example_configs_load_and_their_layouts_fit(name):
     from glm_megatron.models import get_preset
     from glm_megatron.models.config import model_shape
     from glm_megatron.parallel import validate_layout
 
     cfg = load_config(str(REPO / "examples" / name))
-    world = {"glm46_355b_sft.yaml": 512, "glm45_air_sft.yaml": 128}.get(name, 2)
-    preset = {"glm46_355b_sft.yaml": "glm4.6-355b-a32b", "glm45_air_sft.yaml": "glm4.5-air-106b-a12b"}
+    world = {"glm46_355b_sft.yaml": 512, "glm45_air_sft.yaml": 128, "glm4_9b_sft.yaml": 8}.get(name, 2)
+    preset = {"glm46_355b_sft.yaml": "glm4.6-355b-a32b", "glm45_air_sft.yaml": "glm4.5-air-106b-a12b",
+              "glm4_9b_sft.yaml": "glm4-9b"}
     glm = get_preset(preset.get(name, "glm4-moe-tiny"))
     layout = validate_layout(cfg.parallel, world, model_shape(glm), training=True,
                              cuda=True, have_transformer_engine=True)

@@ -2,6 +2,7 @@
 # Multi-node SFT with torchrun's c10d rendezvous. Run this same script on every node:
 #
 #   NNODES=64 MASTER_ADDR=node001 ./examples/launch/torchrun_multinode.sh examples/glm46_355b_sft.yaml [key=value ...]
+#   ./examples/launch/torchrun_multinode.sh examples/glm4_9b_sft.yaml    # GLM-4-9B: one node (NNODES=1)
 #
 # NODE_RANK is not needed with the c10d rendezvous (torchrun assigns ranks). SIGTERM / SIGUSR1
 # to torchrun are forwarded to the workers, which save a checkpoint and exit 0; restart the

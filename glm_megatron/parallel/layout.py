@@ -213,7 +213,8 @@ def _model_problems(layout: ParallelLayout, model: ModelShape) -> list[str]:
                 f"EP={layout.ep} does not divide the {model.num_moe_experts} routed experts"
             )
     elif layout.ep > 1:
-        problems.append(f"EP={layout.ep} but the model is dense (no routed experts)")
+        problems.append(f"EP={layout.ep} but the model is dense (no routed experts): "
+                        "expert_model_parallel_size must be 1")
     try:
         pipeline_stage_layer_counts(layout, model.num_layers)
     except LayoutError as err:

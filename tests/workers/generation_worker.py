@@ -43,6 +43,8 @@ LAYOUTS = {
     "ep2": ParallelLayout(expert_model_parallel_size=2),
     "pp2": ParallelLayout(pipeline_model_parallel_size=2),
     "pp2vpp2": ParallelLayout(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+    # Dense models do not imply sequence parallelism; tests/workers/dense_suite.py asks for it.
+    "tp2sp": ParallelLayout(tensor_model_parallel_size=2, sequence_parallel=True),
     # Not in the default test run (time): attention TP and expert parallelism over the same ranks.
     "tp2ep2": ParallelLayout(tensor_model_parallel_size=2, expert_model_parallel_size=2,
                              expert_tensor_parallel_size=1),

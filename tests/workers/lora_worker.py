@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from glm_megatron.models import load_hf_config  # noqa: E402
 from glm_megatron.models.config import model_shape  # noqa: E402
 from glm_megatron.models.forward import forward_backward_lm_loss  # noqa: E402
+from glm_megatron.models.loading import build_glm_model, load_hf_into_model  # noqa: E402
 from glm_megatron.models.lora import (  # noqa: E402
     ADAPTER_SUFFIX,
     LoraSettings,
@@ -29,7 +30,6 @@ from glm_megatron.models.lora import (  # noqa: E402
     load_peft_adapter,
     peft_tensors,
 )
-from glm_megatron.models.loading import build_glm_model, load_hf_into_model  # noqa: E402
 from glm_megatron.parallel import (  # noqa: E402
     ParallelLayout,
     destroy_parallel,

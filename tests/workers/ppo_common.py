@@ -37,14 +37,19 @@ def _stage_config(example: str, out_dir: str, **sections) -> dict:
     return cfg
 
 
+def build_ppo_data(out: str) -> dict:
+    """examples/tiny_ppo/make_data.py's splits (paths in the returned dict), no training."""
+    return _make_data_module().build(out, sft_train=640, sft_val=32, sft_test=4, pref_train=480,
+                                     pref_val=64, pref_test=8, prompts_train=256, prompts_val=32,
+                                     digit_share=0.0)
+
+
 def build_ppo_inputs(out: str) -> dict:
     """Data, an SFT policy and a reward model (paths in the returned dict); cached in ``out``."""
     marker = os.path.join(out, "inputs.json")
     if os.path.isfile(marker):
         return json.loads(Path(marker).read_text())
-    data = _make_data_module().build(os.path.join(out, "data"), sft_train=640, sft_val=32,
-                                     sft_test=4, pref_train=480, pref_val=64, pref_test=8,
-                                     prompts_train=256, prompts_val=32, digit_share=0.0)
+    data = build_ppo_data(os.path.join(out, "data"))
     sft_dir, rm_dir = os.path.join(out, "sft"), os.path.join(out, "rm")
     sft = _stage_config("sft.yaml", sft_dir,
                         training={"max_steps": SFT_STEPS},

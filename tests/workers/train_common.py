@@ -50,6 +50,17 @@ def tiny_config(data: dict, output_dir: str, **sections) -> dict:
     return cfg
 
 
+def finish_worker(results: dict, out: str) -> None:
+    """The end of a torchrun worker: rank 0 writes ``out/results.json``, then every rank tears the
+    process groups down (between scenarios only Megatron's groups are rebuilt)."""
+    from glm_megatron.parallel import destroy_parallel
+
+    if int(os.environ["RANK"]) == 0:
+        with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=1)
+    destroy_parallel()
+
+
 def write_config(cfg: dict, path: str) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(cfg, fh)

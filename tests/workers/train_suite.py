@@ -53,15 +53,15 @@ def scenarios(data: dict, out: str, names: list[str]) -> dict:
     return {k: v for k, v in runs.items() if k in names and v is not None}
 
 
-def save_initial_weights(path: str) -> None:
-    """A random glm4-moe-tiny at TP=1, saved the way a conversion tool or earlier stage would."""
+def save_initial_weights(path: str, preset: str = "glm4-moe-tiny") -> None:
+    """A random ``preset`` model at TP=1, saved the way a conversion tool or earlier stage would."""
     from glm_megatron.models import get_preset
     from glm_megatron.models.checkpoint import save_model_weights
     from glm_megatron.models.config import model_shape
     from glm_megatron.models.loading import build_glm_model
     from glm_megatron.parallel import ParallelLayout, initialize_parallel
 
-    glm = get_preset("glm4-moe-tiny")
+    glm = get_preset(preset)
     ctx = initialize_parallel(ParallelLayout(), model_shape(glm), seed=3)
     chunks, _ = build_glm_model(glm, ctx.layout)
     save_model_weights(chunks, os.path.join(path, "model"))

@@ -2,13 +2,15 @@
 
     torchrun ... -m glm_megatron evaluate-sft --load CKPT --test-data F --output-file OUT.json
         [--tp N --pp N --ep N] [--batch-size B] [--max-seq-length L]
-        [--tokenizer-path T] [--num-generations K --max-new-tokens M]
+        [--tokenizer-path T] [--template NAME] [--num-generations K --max-new-tokens M]
 
 ``--load`` takes a run directory (its latest checkpoint), ``CKPT/best``, ``iter_x`` or a weights
 directory with ``model_config.json`` next to it. ``--test-data`` is a tokenized SFT split
 directory, or a JSON/JSONL conversations file tokenized on the fly (needs ``--tokenizer-path``).
 With ``--num-generations K`` the first K test conversations are also answered greedily and
-compared with the reference (exact match after stripping), written to the JSON.
+compared with the reference (exact match after stripping), written to the JSON. JSON/JSONL
+conversations are rendered with ``--template``, by default the chat template of the checkpoint's
+model family (``glm4.5`` for GLM-4.5/4.6, ``glm4`` for GLM-4-9B, ``glm4-0414`` for GLM-4-0414).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ...data.chat_template import TEMPLATES, render_spans, template_for_model_type
 from ...engine.batching import Truncated, model_pad_id, open_tokenized, pad_multiple
 from ...engine.config import TrainConfigError
 from ...engine.engine import ModelRunner
@@ -43,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-length", type=int, default=None, help="longer rows are cut")
     p.add_argument("--tokenizer-path", default=None,
                    help="for JSON/JSONL test data and generations (default: the data's tokenizer)")
+    p.add_argument("--template", choices=TEMPLATES, default=None,
+                   help="chat template of JSON/JSONL test data and generations (default: the "
+                        "model family's)")
     p.add_argument("--num-generations", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=64)
     return p.parse_args(argv)
@@ -81,6 +87,7 @@ def run(args, log=print) -> dict:
     from ...data.encoding import EncodeOptions, encode_sft, encode_spans
 
     model_dir, glm, env, layout = evaluation_target(args)
+    template = args.template or template_for_model_type(glm.model_type)
 
     conversations, tok = None, None
     if os.path.isdir(args.test_data):
@@ -88,7 +95,7 @@ def run(args, log=print) -> dict:
     elif os.path.isfile(args.test_data):
         tok = _tokenizer(args, None)
         conversations = _load_conversations(args.test_data)
-        base = _InMemory([encode_sft(tok, c, EncodeOptions())[0] for c in conversations])
+        base = _InMemory([encode_sft(tok, c, EncodeOptions(template))[0] for c in conversations])
     else:
         raise TrainConfigError(f"--test-data: {args.test_data}: no such file or directory")
     max_len = args.max_seq_length or int(np.asarray(base.lengths()).max())
@@ -110,15 +117,15 @@ def run(args, log=print) -> dict:
     metrics = evaluate_lm(ModelRunner(chunks), batcher, lm_forward_step, args.batch_size)
     result = {"checkpoint": model_dir, "test_data": os.path.abspath(args.test_data),
               "layout": ctx.layout.describe(), **metrics}
+    if conversations is not None:
+        result["template"] = template
 
     if args.num_generations:
-        from ...data.chat_template import render_spans
-
         samples, correct = [], 0
         for conv in conversations[: args.num_generations]:
             prompt_msgs = conv.messages[:-1] if conv.messages[-1]["role"] == "assistant" else conv.messages
             reference = conv.messages[-1].get("content", "") if prompt_msgs is not conv.messages else ""
-            ids, _, _ = encode_spans(tok, render_spans(prompt_msgs, conv.tools,
+            ids, _, _ = encode_spans(tok, render_spans(prompt_msgs, conv.tools, template,
                                                        add_generation_prompt=True))
             new = greedy_generate(chunks, list(ids), args.max_new_tokens, tok.stop_ids, mult,
                                   pad_id, ctx.device)
