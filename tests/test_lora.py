@@ -86,3 +86,37 @@ def test_targets_are_checked_against_the_model():
 def test_scaling():
     assert LoraSettings(r=8, alpha=32).scale == 4.0
     assert LoraSettings(r=16, alpha=32, rslora=True).scale == 8.0
+
+
+def test_config_keys_are_checked_naming_the_key(tmp_path):
+    from glm_megatron.engine.config import ModelSection, TrainConfigError, load_config
+    from glm_megatron.engine.model_setup import lora_settings
+
+    dense = get_preset("glm4-9b-tiny")
+    m = ModelSection(use_peft=True, lora_r=8, lora_alpha=32, lora_target_modules=["q_proj"])
+    assert lora_settings(m, dense) == LoraSettings(r=8, alpha=32.0, targets=("q_proj",))
+    assert lora_settings(ModelSection(), dense) is None
+    with pytest.raises(TrainConfigError, match="model.lora_target_modules: gate_proj is not"):
+        lora_settings(ModelSection(use_peft=True, lora_target_modules=["gate_proj"]), dense)
+    with pytest.raises(TrainConfigError, match="adapter_config.json: no such file"):
+        lora_settings(ModelSection(use_peft=True, lora_adapter=str(tmp_path)), dense)
+    for override, message in [
+        ("model.lora_r=0", "model.lora_r must be >= 1"),
+        ("model.lora_dropout=1.0", r"model.lora_dropout must be in \[0, 1\)"),
+        ("model.lora_target_modules=[1]",
+         "model.lora_target_modules: expected a list of str or str or null, got list"),
+        ("model.lora_adapter=x", "model.lora_adapter needs model.use_peft: true"),
+    ]:
+        extra = [] if "lora_adapter" in override else ["model.use_peft=true"]
+        with pytest.raises(TrainConfigError, match=message):
+            load_config(None, ["model.preset=glm4-9b-tiny", *extra, override])
+
+
+def test_ppo_with_lora_has_no_separate_reference():
+    from glm_megatron.algorithms.ppo.config import PPOConfig
+    from glm_megatron.engine.config import TrainConfigError, load_config
+
+    with pytest.raises(TrainConfigError, match="rlhf.reference_model: with rlhf.use_peft"):
+        load_config(None, ["rlhf.use_peft=true", "rlhf.reference_model=/x",
+                           "rlhf.policy_model=/p", "rlhf.reward_model=/r",
+                           "data.prompt_data_path=/d"], schema=PPOConfig)

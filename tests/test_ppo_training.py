@@ -144,3 +144,19 @@ def test_pipeline_parallel_with_a_separate_value_model(suite):
             assert m[key] == m[key] and abs(m[key]) < 1e3, (key, m[key])  # finite
         assert m["value_loss"] > 0
     assert run["validation"][-1][0] == 2
+
+
+def test_lora_policy_is_its_own_reference(suite):
+    run = suite["lora"]
+    (s0, before), (s1, after) = run["validation"][0], run["validation"][-1]
+    assert (s0, s1) == (0, STEPS)
+    # B starts at zero: before any update the policy *is* its reference, exactly.
+    assert before["kl_divergence"] == 0.0, before
+    assert after["mean_reward"] > before["mean_reward"] + 0.2, (before, after)
+    assert abs(after["kl_divergence"]) < KL_BOUND and after["kl_divergence"] != 0.0, after
+    assert any("reference: the policy's base weights (LoRA adapters off" in line
+               for line in run["log"]), run["log"]
+    # Adapters and the value head are saved; the frozen base is named, not copied.
+    keys = run["saved_keys"]
+    assert run["base_record"] and "value_head.weight" in keys
+    assert all("_lora.adapters." in k or k == "value_head.weight" for k in keys), keys[:5]

@@ -20,7 +20,7 @@ import torch
 
 from ..models.config import ConfigError
 from ..models.lora import LoraSettings
-from ..models.lora_files import BASE_FILE, read_adapter_base, write_peft_adapter
+from ..models.lora_files import read_adapter_base, write_peft_adapter
 from .dist_reader import TorchDistReader
 
 _KEY = re.compile(
@@ -28,10 +28,6 @@ _KEY = re.compile(
     r"(lora_A|lora_B\.(\w+))$")
 _OWNER = {"self_attention": "self_attn", "mlp": "mlp"}
 _PART_ORDER = ("q", "k", "v", "gate", "up", "all")  # B parts in the rows order of the HF module
-
-
-def is_lora_checkpoint(weights_dir: str) -> bool:
-    return os.path.isfile(os.path.join(weights_dir, BASE_FILE))
 
 
 def peft_tensors_from_checkpoint(reader: TorchDistReader) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from ..models.checkpoint_dirs import REWARD_FILE, is_reward_checkpoint
 from ..models.config import ConfigError, GLMConfig
 from ..models.hf_layout import checkpoint_key_entries, expected_hf_tensors
 from ..models.hf_mapping import MappingError, hf_sources, split
+from ..models.lora_files import BASE_FILE, is_adapter_checkpoint
 from . import hf_export_files, lora_export, output_dir, weights_dir
 from .dist_reader import TorchDistReader
 
@@ -106,11 +107,11 @@ def convert_megatron_to_hf(
     start = time.time()
     output_dir.check_output_dir(out_dir, overwrite)
     weights = weights_dir.resolve_weights_dir(load)
-    if lora_export.is_lora_checkpoint(weights):
+    if is_adapter_checkpoint(weights):
         return _export_lora_run(weights, out_dir, adapter_only, start, locals())
     if adapter_only:
         raise ConfigError(f"--adapter-only: {weights} holds no LoRA adapters "
-                          f"({lora_export.BASE_FILE} missing)")
+                          f"({BASE_FILE} missing)")
     if is_reward_checkpoint(weights):
         raise ConfigError(f"--load: {weights} is a reward model ({REWARD_FILE} beside it), not a "
                           "causal LM: export it with tools/convert_checkpoint.py reward-to-hf")
@@ -243,7 +244,7 @@ def _export_lora_run(weights: str, out_dir: str, adapter_only: bool, start: floa
     base, adjust, unmerged = lora_export.merge_function(weights)
     if not os.path.isdir(base):
         raise ConfigError(f"{weights}: its base weights {base} are gone "
-                          f"({lora_export.BASE_FILE}); export with --adapter-only")
+                          f"({BASE_FILE}); export with --adapter-only")
     if is_dist_checkpoint(base):
         summary = convert_megatron_to_hf(
             base, out_dir, **{k: call[k] for k in (

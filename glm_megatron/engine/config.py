@@ -36,7 +36,21 @@ def choice(default, *choices):
 
 
 @dataclass
-class ModelSection:
+class LoraKeys:
+    """LoRA, under TRL's ModelConfig names (the ChatGLM4 tutorial's keys): models/lora.py.
+    Part of ``model:`` (SFT, RM) and of PPO's ``rlhf:`` (the policy)."""
+
+    use_peft: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str | None = None  # HF names or "all-linear"; None: q, k, v
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    lora_adapter: str | None = None  # a PEFT adapter directory to start from (continue training)
+
+
+@dataclass
+class ModelSection(LoraKeys):
     # Where the architecture comes from: a named preset, an HF config.json directory, or (when
     # both are empty) the model_config.json saved next to load_checkpoint's weights.
     preset: str | None = None
@@ -48,14 +62,6 @@ class ModelSection:
     freeze_embeddings: bool = False
     freeze_encoder_layers: int = 0  # the bottom N decoder layers get no updates
     build_mtp: bool = False  # keep GLM's MTP layer in the model (not trained by the SFT loss)
-    # LoRA, under TRL's ModelConfig names (the ChatGLM4 tutorial's keys): models/lora.py.
-    use_peft: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str | None = None  # HF names or "all-linear"; None: q, k, v
-    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
-    lora_adapter: str | None = None  # a PEFT adapter directory to start from (continue training)
 
 
 @dataclass
@@ -193,6 +199,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     args = typing.get_args(tp)
     if args:
         return " or ".join(_type_name(a) for a in args)
@@ -320,17 +328,17 @@ def validate_optim(o: OptimConfig, section: str) -> None:
     require(o.gradient_clipping >= 0, f"{section}.gradient_clipping must be >= 0 (0 disables it)")
 
 
-def validate_lora_keys(m: ModelSection) -> None:
+def validate_lora_keys(m: LoraKeys, section: str = "model") -> None:
     """The LoRA keys' own ranges (targets are checked against the model in model_setup)."""
     if not m.use_peft:
-        require(m.lora_adapter is None, "model.lora_adapter needs model.use_peft: true")
+        require(m.lora_adapter is None, f"{section}.lora_adapter needs {section}.use_peft: true")
         return
-    require(m.lora_r >= 1, "model.lora_r must be >= 1")
-    require(m.lora_alpha > 0, "model.lora_alpha must be > 0")
-    require(0 <= m.lora_dropout < 1, "model.lora_dropout must be in [0, 1)")
-    require(not (m.freeze_embeddings or m.freeze_encoder_layers),
-            "model.freeze_embeddings / model.freeze_encoder_layers: with model.use_peft every "
-            "base weight is frozen already")
+    require(m.lora_r >= 1, f"{section}.lora_r must be >= 1")
+    require(m.lora_alpha > 0, f"{section}.lora_alpha must be > 0")
+    require(0 <= m.lora_dropout < 1, f"{section}.lora_dropout must be in [0, 1)")
+    require(not (getattr(m, "freeze_embeddings", False) or getattr(m, "freeze_encoder_layers", 0)),
+            f"{section}.freeze_embeddings / {section}.freeze_encoder_layers: with "
+            f"{section}.use_peft every base weight is frozen already")
 
 
 def validate_common(cfg) -> None:

@@ -20,7 +20,7 @@ from ..models.config import ConfigError, GLMConfig
 from ..models.loading import build_glm_model, load_hf_into_model
 from ..models.lora import LoraSettings, resolve_targets
 from .checkpointing import checkpoint_model_config, resolve_model_dir
-from .config import ModelSection, TrainConfigError, TrainingSection
+from .config import LoraKeys, ModelSection, TrainConfigError, TrainingSection
 from .optimizer import freeze_parameters
 
 log = logging.getLogger(__name__)
@@ -45,18 +45,19 @@ def resolve_glm_config(m: ModelSection) -> GLMConfig:
                            "or model.load_checkpoint")
 
 
-def lora_settings(m: ModelSection, glm: GLMConfig) -> LoraSettings | None:
-    """The adapters ``m`` asks for (None without ``model.use_peft``); raises naming the key.
+def lora_settings(m: LoraKeys, glm: GLMConfig, section: str = "model") -> LoraSettings | None:
+    """The adapters ``m`` asks for (None without ``use_peft``); raises naming the key.
 
-    With ``model.lora_adapter`` the adapter's own adapter_config.json decides r, alpha and the
-    targets; keys in the YAML that disagree with it are refused, naming both.
+    With ``lora_adapter`` the adapter's own adapter_config.json decides r, alpha and the
+    targets; targets in the YAML that disagree with it are refused, naming both.
     """
     if not m.use_peft:
         return None
     requested = m.lora_target_modules or ["q_proj", "k_proj", "v_proj"]
+    key = f"{section}.lora_target_modules"
     try:
         settings = LoraSettings(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                                targets=resolve_targets(glm, requested), rslora=m.use_rslora)
+                                targets=resolve_targets(glm, requested, key), rslora=m.use_rslora)
         if m.lora_adapter:
             from ..models.lora_files import read_peft_adapter
 
@@ -65,24 +66,24 @@ def lora_settings(m: ModelSection, glm: GLMConfig) -> LoraSettings | None:
                                  targets=resolve_targets(glm, saved.targets,
                                                          key=f"{m.lora_adapter} target_modules"),
                                  rslora=saved.rslora)
-            explicit = m.lora_target_modules is not None
-            if explicit and set(saved.targets) != set(settings.targets):
-                raise ConfigError(f"model.lora_target_modules {list(settings.targets)} differs "
-                                  f"from model.lora_adapter's {list(saved.targets)}")
+            if m.lora_target_modules is not None and set(saved.targets) != set(settings.targets):
+                raise ConfigError(f"{key} {list(settings.targets)} differs from "
+                                  f"{section}.lora_adapter's {list(saved.targets)}")
             return saved
     except ConfigError as err:
         raise TrainConfigError(str(err)) from None
     return settings
 
 
-def adapter_base(m: ModelSection, glm: GLMConfig) -> dict | None:
-    """What a LoRA run's checkpoints record about their base (None: not LoRA, or a random base,
-    whose checkpoints then keep every weight)."""
-    lora = lora_settings(m, glm)
-    if lora is None:
-        return None
-    base = resolve_model_dir(m.load_checkpoint) if m.load_checkpoint else m.hf_checkpoint
-    if base is None:
+def adapter_base(m: ModelSection, glm: GLMConfig, base: str | None = None,
+                 section: str = "model") -> dict | None:
+    """What a LoRA run's checkpoints record about their base weights (``base``, default the
+    section's load_checkpoint / hf_checkpoint). None: not LoRA, or a random base, whose
+    checkpoints then keep every weight."""
+    lora = lora_settings(m, glm, section)
+    if base is None and lora is not None:
+        base = resolve_model_dir(m.load_checkpoint) if m.load_checkpoint else m.hf_checkpoint
+    if lora is None or base is None:
         return None
     from ..models.lora_files import adapter_base_record
 
@@ -121,12 +122,14 @@ def build_trained_model(glm: GLMConfig, m: ModelSection, t: TrainingSection, lay
     freeze_parameters(chunks, m.freeze_embeddings, m.freeze_encoder_layers)
     lora = lora_settings(m, glm)
     if lora is not None:
-        _add_adapters(chunks, glm, m, lora, t.seed)
+        add_adapters(chunks, glm, m, lora, t.seed)
     _check_every_rank_trains(chunks, m)
     return chunks, tconfig, source
 
 
-def _add_adapters(chunks, glm: GLMConfig, m: ModelSection, lora: LoraSettings, seed: int) -> None:
+def add_adapters(chunks, glm: GLMConfig, m: LoraKeys, lora: LoraSettings, seed: int,
+                 section: str = "model") -> None:
+    """LoRA adapters on ``chunks`` (everything else frozen), from ``lora_adapter`` if given."""
     from ..models.lora import attach_lora, load_peft_adapter
 
     count = attach_lora(chunks, glm, lora, seed=seed)
@@ -139,13 +142,13 @@ def _add_adapters(chunks, glm: GLMConfig, m: ModelSection, lora: LoraSettings, s
         try:
             used = load_peft_adapter(chunks, glm, tensors, m.lora_adapter)
         except ConfigError as err:
-            raise TrainConfigError(f"model.lora_adapter: {err}") from None
+            raise TrainConfigError(f"{section}.lora_adapter: {err}") from None
         # Nothing may be dropped silently: together the ranks must use every adapter tensor.
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, sorted(used))
         unused = sorted(set(tensors) - set().union(*map(set, gathered)))
         if unused:
-            raise TrainConfigError(f"model.lora_adapter: {len(unused)} tensor(s) of "
+            raise TrainConfigError(f"{section}.lora_adapter: {len(unused)} tensor(s) of "
                                    f"{m.lora_adapter} fit no adapter of this model: {unused[:5]}")
     log.info("LoRA r=%d alpha=%g on %s: %d adapter parameters on this rank", lora.r, lora.alpha,
              ", ".join(lora.targets), count)

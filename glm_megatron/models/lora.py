@@ -115,6 +115,7 @@ class ColumnLora(torch.nn.Module):
     def __init__(self, groups: int, segments: list[Segment], targets: tuple[str, ...],
                  in_features: int, settings: LoraSettings, seed: int, dtype, sequence_parallel):
         super().__init__()
+        self.enabled = True
         self.groups, self.segments, self.settings = groups, segments, settings
         self.sequence_parallel = sequence_parallel
         self.dropout = torch.nn.Dropout(settings.dropout)
@@ -157,6 +158,7 @@ class RowLora(torch.nn.Module):
     def __init__(self, name: str, in_features: int, out_features: int, settings: LoraSettings,
                  seed: int, dtype, sequence_parallel: bool):
         super().__init__()
+        self.enabled = True
         self.settings, self.sequence_parallel = settings, sequence_parallel
         self.dropout = torch.nn.Dropout(settings.dropout)
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -203,11 +205,35 @@ class RowParallelAdapter(_ShardedAdapterState, RowLora):
 
 def _add_adapter_output(adapter):
     def hook(_module, args, kwargs, output):
+        if not adapter.enabled:
+            return output
         out, bias = output
         x = args[0] if args else kwargs["input_"]
         return out + adapter(x).to(out.dtype), bias
 
     return hook
+
+
+def adapter_modules(chunks):
+    return [m for c in chunks for m in c.modules() if isinstance(m, (ColumnLora, RowLora))]
+
+
+class AdaptersOff:
+    """``with AdaptersOff(chunks):`` the chunks compute the base model (every adapter skipped):
+    a LoRA policy is its own PPO reference, with one copy of the base weights in memory."""
+
+    def __init__(self, chunks):
+        self.adapters = adapter_modules(chunks)
+
+    def __enter__(self):
+        for a in self.adapters:
+            a.enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        for a in self.adapters:
+            a.enabled = True
+        return False
 
 
 @dataclass(frozen=True)

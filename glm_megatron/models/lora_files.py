@@ -104,6 +104,10 @@ def adapter_base_record(base: str, settings: LoraSettings, model_type: str) -> d
                      "targets": list(settings.targets), "rslora": settings.rslora}}
 
 
+def is_adapter_checkpoint(weights_dir: str) -> bool:
+    return os.path.isfile(os.path.join(weights_dir, BASE_FILE))
+
+
 def read_adapter_base(weights_dir: str) -> dict | None:
     file = os.path.join(weights_dir, BASE_FILE)
     if not os.path.isfile(file):

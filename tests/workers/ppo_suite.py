@@ -183,6 +183,26 @@ def scenario_pp2_value_model(inputs: dict, out: str) -> dict:
             "policy_saved": os.path.isfile(os.path.join(ckpt, "model", "metadata.json"))}
 
 
+def scenario_lora(inputs: dict, out: str, steps: int) -> dict:
+    """LoRA on the policy's attention (rlhf.use_peft): the reference is the policy with its
+    adapters off; checkpoints hold the adapters and the value head only."""
+    from glm_megatron.algorithms.ppo.train import run_ppo
+    from glm_megatron.conversion.dist_reader import TorchDistReader
+
+    run_dir = os.path.join(out, "lora")
+    lines = []
+    cfg = _config_file(ppo_config(
+        inputs, run_dir, parallel={"expert_model_parallel_size": 1},
+        rlhf={"max_steps": steps, "save_steps": steps, "eval_steps": steps, "use_peft": True,
+              "lora_r": 8, "lora_alpha": 16, "lora_target_modules": "all-linear",
+              "learning_rate": 3.0e-3}), "lora", out)
+    result = run_ppo(cfg, log=lines.append)
+    saved = os.path.join(run_dir, f"iter_{steps:07d}", "model")
+    return {"validation": result["validation"], "history": result["history"],
+            "log": lines, "saved_keys": sorted(TorchDistReader(saved).tensors),
+            "base_record": os.path.isfile(os.path.join(saved, "adapter_base.json"))}
+
+
 def main() -> None:
     from glm_megatron.parallel import install_cpu_support
 
@@ -200,6 +220,7 @@ def main() -> None:
     results["learn_ep2"] = scenario_learn(inputs, args.out, "learn_ep2",
                                           {"expert_model_parallel_size": 2}, args.steps)
     results["pp2_value"] = scenario_pp2_value_model(inputs, args.out)
+    results["lora"] = scenario_lora(inputs, args.out, args.steps)
     if int(os.environ["RANK"]) == 0:
         with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=1)

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from ...engine.config import (
     CheckpointSection,
     LoggingSection,
+    LoraKeys,
     OptimConfig,
     TrainConfigError,
     choice,
     optim_view,
     require,
+    validate_lora_keys,
     validate_optim,
 )
 from ...parallel.layout import ParallelLayout
@@ -33,10 +35,12 @@ KL_PENALTY_NAMES = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl
 
 
 @dataclass
-class RLHFSection(OptimConfig):
+class RLHFSection(LoraKeys, OptimConfig):
     """PPO's keys. The optimizer keys (learning_rate, min_learning_rate, lr_scheduler,
     warmup_steps, weight_decay, adam_*, gradient_clipping, mixed_precision,
-    use_distributed_optimizer, seed) are :class:`OptimConfig`'s; only PPO's defaults differ."""
+    use_distributed_optimizer, seed) are :class:`OptimConfig`'s; only PPO's defaults differ.
+    The LoRA keys (use_peft, lora_r, ...) are :class:`LoraKeys`': adapters on the policy, whose
+    reference is then the policy with its adapters off (one copy of the base weights)."""
 
     # Models: torch_dist checkpoints (a run dir, its best / latest marker, iter_x or iter_x/model).
     policy_model: str | None = None
@@ -153,6 +157,9 @@ def validate_ppo(cfg: PPOConfig) -> None:
         require(getattr(r, key), f"rlhf.{key} is not set (a torch_dist checkpoint directory)")
     require(d.prompt_data_path, "data.prompt_data_path is not set")
     validate_optim(r, "rlhf")
+    validate_lora_keys(r, "rlhf")
+    require(not (r.use_peft and r.reference_model), "rlhf.reference_model: with rlhf.use_peft "
+            "the reference is the policy with its adapters off; leave reference_model unset")
     require(r.value_learning_rate is None or r.value_learning_rate > 0,
             "rlhf.value_learning_rate must be > 0 or null")
     require(r.value_learning_rate is None or r.value_model,

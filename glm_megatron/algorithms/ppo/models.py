@@ -23,6 +23,7 @@ from ...models.checkpoint import load_model_weights
 from ...models.checkpoint_dirs import REWARD_FILE, is_reward_checkpoint
 from ...models.config import GLMConfig, model_shape
 from ...models.loading import build_glm_model
+from ...models.lora_files import is_adapter_checkpoint
 from ...models.policy_heads import attach_value_head
 from ...models.reward_head import attach_reward_heads
 
@@ -71,10 +72,18 @@ def _build(source: ModelSource, layout, dtype, *, train: bool):
     return chunks, tconfig
 
 
-def build_policy(source: ModelSource, layout, t, value_head: bool, seed: int):
-    """Policy chunks loaded from its checkpoint (a PPO checkpoint loads with its value head)."""
+def build_policy(source: ModelSource, layout, t, value_head: bool, seed: int, adapters=None):
+    """Policy chunks loaded from its checkpoint (a PPO checkpoint loads with its value head);
+    ``adapters(chunks)`` adds LoRA adapters (and freezes the base) before the value head."""
     chunks, tconfig = _build(source, layout, params_dtype(t), train=True)
+    if is_adapter_checkpoint(source.weights):
+        raise TrainConfigError(
+            f"{source.key}: {source.weights} holds LoRA adapters only; export it merged "
+            "(tools/convert_checkpoint.py megatron-to-hf, then hf-to-megatron) and start PPO "
+            "from that")
     load_model_weights(chunks, source.weights)
+    if adapters is not None:
+        adapters(chunks)
     if value_head:
         attach_value_head(chunks, tconfig, seed)
     return chunks, tconfig

@@ -27,6 +27,7 @@ import glm_kernels as kernels
 
 from ...engine.engine import Engine, sum_reports
 from ...generation.sampling import SamplingParams
+from ...models.lora import AdaptersOff
 from ...models.policy_heads import hidden_output
 from .data import Rollouts, agree_length, build_rollouts
 from .forward import (
@@ -60,10 +61,29 @@ class PPOModels:
     value: Engine | None  # a separate value model
     reference: list  # frozen chunks
     reward: list  # frozen chunks
-    reference_offload: Offloaded
+    # The context the reference scores in: Offloaded (its own chunks, on the device only while
+    # in use) or models.lora.AdaptersOff (a LoRA policy with its adapters skipped).
+    reference_offload: Offloaded | AdaptersOff
     reward_offload: Offloaded
     hidden_size: int  # the policy's
     reference_hidden_size: int
+
+    def memory_summary(self) -> str:
+        """Parameter counts of this rank's models: what the four models cost in weights."""
+        def count(chunks, trainable_only=False) -> str:
+            n = sum(p.numel() for c in chunks for p in c.parameters()
+                    if p.requires_grad or not trainable_only)
+            return f"{n / 1e6:.2f}M"
+
+        shared = self.reference is self.policy.modules
+        parts = [f"policy {count(self.policy.modules)} "
+                 f"({count(self.policy.modules, trainable_only=True)} trainable)",
+                 "reference: the policy's base weights (LoRA adapters off, no second copy)"
+                 if shared else f"reference {count(self.reference)}",
+                 f"reward {count(self.reward)}"]
+        if self.value is not None:
+            parts.append(f"value {count(self.value.modules)}")
+        return ", ".join(parts)
 
 
 class PPOStep:

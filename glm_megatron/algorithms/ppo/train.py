@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -27,8 +28,10 @@ from ...engine.config import TrainConfigError
 from ...engine.engine import Engine
 from ...engine.loop import LoopSchedule, StepResult, TrainTask, run_loop
 from ...engine.metrics import RunLogger
+from ...engine.model_setup import adapter_base, add_adapters, lora_settings
 from ...generation.rollout import InEngineGenerator
 from ...models.config import model_shape
+from ...models.lora import AdaptersOff
 from ...parallel import LayoutError, read_launch_env, validate_layout
 from ...parallel.state import have_transformer_engine
 from .config import PPOConfig, ppo_save_interval, resolve_ppo_batch
@@ -114,20 +117,30 @@ def build_models(cfg: PPOConfig, prep: Prepared, layout) -> PPOModels:
     r, s = cfg.rlhf, prep.sources
     t_policy = cfg.optim()
     optimizer_steps = r.max_steps * r.ppo_epochs * prep.plan.mini_batches_per_epoch
+    lora = lora_settings(r, s["policy"].glm, "rlhf")
     chunks, tconfig = build_policy(s["policy"], layout, t_policy, value_head=not r.value_model,
-                                   seed=r.seed)
-    policy = Engine(chunks, tconfig, t_policy, optimizer_steps)
+                                   seed=r.seed,
+                                   adapters=partial(add_adapters, glm=s["policy"].glm, m=r,
+                                                    lora=lora, seed=r.seed, section="rlhf")
+                                   if lora else None)
+    policy = Engine(chunks, tconfig, t_policy, optimizer_steps,
+                    adapter_base=adapter_base(r, s["policy"].glm, s["policy"].weights, "rlhf"))
     value = None
     if r.value_model:
         t_value = cfg.optim(value=True)
         v_chunks, v_config = build_value_model(s["value"], layout, t_value, seed=r.seed)
         value = Engine(v_chunks, v_config, t_value, optimizer_steps)
-    reference = build_frozen(s["reference"], layout, t_policy, reward=False)
+    if lora:
+        # The reference is the policy's base: the same chunks with the adapters skipped.
+        reference, reference_switch = chunks, AdaptersOff(chunks)
+    else:
+        reference = build_frozen(s["reference"], layout, t_policy, reward=False)
+        reference_switch = Offloaded(reference, r.offload_reference)
+        reference_switch.offload()
     reward = build_frozen(s["reward"], layout, t_policy, reward=True)
     models = PPOModels(policy, value, reference, reward,
-                       Offloaded(reference, r.offload_reference), Offloaded(reward, r.offload_reward_model),
+                       reference_switch, Offloaded(reward, r.offload_reward_model),
                        s["policy"].glm.hidden_size, s["reference"].glm.hidden_size)
-    models.reference_offload.offload()
     models.reward_offload.offload()
     return models
 
@@ -277,6 +290,7 @@ def run_ppo(cfg: PPOConfig, *, log=print) -> dict:
             f"value: {'head on the policy' if r.value_model is None else r.value_model}; "
             f"{len(prep.prompts)} prompts ({prep.skipped['train']} too long, skipped)"
             + (f", {len(prep.val_prompts)} validation prompts" if prep.val_prompts else ""))
+        log(f"ppo: weights on this rank: {models.memory_summary()}")
     result = run_loop(cfg, models.policy, task, ppo_schedule(cfg), policy_glm.to_hf_dict(),
                       ctx.is_main, resume_from=prep.resume_from)
     validation = task.validation
