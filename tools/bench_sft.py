@@ -42,17 +42,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_workers import (  # noqa: E402
+    Worker,
+    add_run_flags,
+    our_sft_engine,
+    plain_adamw_step,
+    run_interleaved,
+    serve_steps,
+)  # noqa: E402
 
 PRESET = "glm4-moe-small"
 GOAL = 1.0  # docs/ARCHITECTURE.md §8: ours >= 1.0x HF tokens/s
@@ -104,48 +111,17 @@ def fixed_batches(spec: dict) -> tuple[SyntheticSFT, list[np.ndarray]]:
 # A worker builds its side, prints READY, then answers one command per stdin line: "step" runs one
 # optimizer step on the next prebuilt batch and prints its time; "profile N" profiles one step;
 # "quit" exits. Blocked on stdin it uses no CPU, so the driver can alternate sides step by step.
-MARKER = "BENCH "
 
 
 def setup_ours(spec: dict):
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        os.environ.pop(var, None)
-    from glm_megatron.algorithms.sft.data import SFTBatcher
-    from glm_megatron.algorithms.sft.loss import lm_forward_step
-    from glm_megatron.engine.config import ModelSection, TrainingSection
-    from glm_megatron.engine.engine import Engine
-    from glm_megatron.engine.model_setup import build_trained_model
+    from glm_megatron.engine.config import ModelSection
     from glm_megatron.models import get_preset
-    from glm_megatron.models.config import model_shape
-    from glm_megatron.parallel import ParallelLayout, initialize_parallel, install_cpu_support
 
-    install_cpu_support()  # this worker's entry; the HF workers run without it
     glm = get_preset(spec["preset"])
-    ctx = initialize_parallel(ParallelLayout(), model_shape(glm), seed=spec["seed"])
-    t = TrainingSection(
-        learning_rate=LR, min_learning_rate=LR, lr_scheduler="constant", warmup_ratio=0.0,
-        per_device_train_batch_size=spec["batch"], global_batch_size=spec["batch"],
-        max_seq_length=spec["seq"], weight_decay=WEIGHT_DECAY, adam_beta1=BETAS[0],
-        adam_beta2=BETAS[1], adam_eps=EPS, dropout=0.0, attention_dropout=0.0,
-        gradient_clipping=CLIP, mixed_precision="fp32", seed=spec["seed"],
-    )
-    chunks, tconfig, _ = build_trained_model(glm, ModelSection(preset=spec["preset"]), t, ctx.layout)
-    engine = Engine(chunks, tconfig, t, total_steps=10**6)
     ds, rows = fixed_batches(spec)
-    batcher = SFTBatcher(ds, max_seq_length=spec["seq"], pad_id=glm.pad_token_id or 0,
-                         pad_multiple=1, ignore_index=-100, packing=False, device=ctx.device)
-    micro = [batcher.microbatch(r, batcher.step_length(r)) for r in rows]
-    assert all(tuple(m["tokens"].shape) == (spec["batch"], spec["seq"]) for m in micro)
-
-    def step(mb):
-        out = engine.train_step([mb], lm_forward_step)
-        total, count = out["reports"][0]["lm loss"].tolist()
-        return total / max(count, 1.0)
-
+    _, chunks, tconfig, micro, step = our_sft_engine(
+        spec, glm, ModelSection(preset=spec["preset"]), ds, rows, lr=LR, betas=BETAS, eps=EPS,
+        weight_decay=WEIGHT_DECAY, clip=CLIP)
     info = {"params": sum(p.numel() for m in chunks for p in m.parameters()),
             "impl": f"Megatron-Core local spec, {tconfig.moe_token_dispatcher_type} MoE dispatcher, "
                     "DDP + distributed optimizer (torch AdamW)"}
@@ -154,7 +130,6 @@ def setup_ours(spec: dict):
 
 def setup_hf(spec: dict):
     import torch
-    import torch.nn.functional as F
     from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
     from glm_megatron.data.collate import IGNORE_INDEX, collate_sft
@@ -175,23 +150,11 @@ def setup_hf(spec: dict):
     model = Glm4MoeForCausalLM(config).float()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     ds, rows = fixed_batches(spec)
     batches = [collate_sft([ds[int(i)] for i in r], glm.pad_token_id or 0) for r in rows]
     assert all(tuple(b["tokens"].shape) == (spec["batch"], spec["seq"]) for b in batches)
-    vocab = glm.vocab_size
-
-    def step(batch):
-        opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch["tokens"], use_cache=False).logits
-        labels = batch["labels"].reshape(-1)
-        loss_sum = F.cross_entropy(logits.reshape(-1, vocab).float(), labels,
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        loss = loss_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        opt.step()
-        return float(loss.detach())
+    step, opt = plain_adamw_step(model, params, glm.vocab_size, lr=LR, betas=BETAS, eps=EPS,
+                                 weight_decay=WEIGHT_DECAY, clip=CLIP, ignore_index=IGNORE_INDEX)
 
     info = {"params": sum(p.numel() for p in params),
             "impl": f"transformers Glm4MoeForCausalLM, attn={model.config._attn_implementation}, "
@@ -204,92 +167,9 @@ SETUPS = {"ours": setup_ours, "hf": setup_hf}
 
 
 def serve(kind: str, spec: dict) -> None:
-    import resource
-
-    import torch
-
-    def reply(obj) -> None:
-        sys.stdout.write(MARKER + json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
     step, batches, info = SETUPS[kind](spec)
-    reply(dict(info, ready=True, threads=torch.get_num_threads()))
-    k = 0
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd or cmd[0] == "quit":
-            break
-        batch = batches[k % len(batches)]
-        k += 1
-        if cmd[0] == "profile":
-            from torch.profiler import ProfilerActivity, profile
+    serve_steps(step, batches, info)
 
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                step(batch)
-            reply({"profile": prof.key_averages().table(
-                sort_by="self_cpu_time_total", row_limit=int(cmd[1]), max_name_column_width=60)})
-            continue
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
-        loss = step(batch)
-        elapsed = time.perf_counter() - start
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-        reply({"time": elapsed, "loss": loss, "faults": faults})
-
-
-class Worker:
-    """Driver side of one worker process."""
-
-    def __init__(self, label: str, kind: str, spec: dict):
-        self.label = label
-        spec = dict(spec, port=_free_port())
-        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1",
-                   TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            env.pop(var, None)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
-               "--spec", json.dumps(spec)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
-        self.info: dict = {}
-        self.times: list[float] = []
-        self.losses: list[float] = []
-        self.faults: list[int] = []
-
-    def read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(MARKER):
-                return json.loads(line[len(MARKER):])
-        err = self.proc.stderr.read()
-        raise SystemExit(f"{self.label} worker exited ({self.proc.wait()}):\n{err[-4000:]}")
-
-    def ready(self) -> None:
-        self.info = self.read()
-
-    def send(self, command: str) -> dict:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return self.read()
-
-    def step(self, timed: bool) -> float:
-        out = self.send("step")
-        self.losses.append(out["loss"])
-        if timed:
-            self.times.append(out["time"])
-            self.faults.append(out["faults"])
-        return out["time"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- real-token fraction
@@ -378,11 +258,7 @@ def main(argv=None) -> int:
                    help="HF implementations to time, comma separated: 'default' (transformers' "
                         "own choice) or ATTN:EXPERTS, e.g. sdpa:eager (default: %(default)s)")
     p.add_argument("--rows", type=int, default=None, help="rows for the real-token fraction")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="profile one extra step per side and print its N most expensive ops")
-    p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--worker", choices=sorted(SETUPS), help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
+    add_run_flags(p)
     args = p.parse_args(argv)
 
     if args.worker:
@@ -402,20 +278,8 @@ def main(argv=None) -> int:
           f"{warmup} warmup + {steps} timed optimizer steps, the sides' steps interleaved")
 
     sides = _sides(args.hf)
-    workers = [Worker(label, kind, dict(spec, **extra)) for label, kind, extra in sides]
-    try:
-        for w in workers:
-            w.ready()
-        for i in range(warmup + steps):
-            # Rotate who goes first so no side always follows the same neighbour.
-            shift = i % len(workers)
-            for w in workers[shift:] + workers[:shift]:
-                w.step(timed=i >= warmup)
-        profiles = {w.label: w.send(f"profile {args.profile}")["profile"]
-                    for w in workers} if args.profile else {}
-    finally:
-        for w in workers:
-            w.close()
+    workers = [Worker(label, kind, dict(spec, **extra), __file__) for label, kind, extra in sides]
+    profiles = run_interleaved(workers, warmup, steps, args.profile)
 
     tokens = args.batch * args.seq
     ours = workers[0]

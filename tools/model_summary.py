@@ -3,6 +3,7 @@
 
     python tools/model_summary.py --preset glm4.6-355b-a32b --tp 8 --pp 4 --ep 16 --etp 1
     python tools/model_summary.py --hf-config /path/to/GLM-4.6
+    python tools/model_summary.py --preset glm4-9b --tp 2 --lora-r 8 --lora-targets q_proj,k_proj,v_proj
 
 The model is built by the real builder on the meta device (no memory, no GPU).
 """
@@ -28,7 +29,18 @@ def main(argv=None) -> int:
     parser.add_argument("--world-size", type=int, default=0,
                         help="total ranks (default: the smallest that fits the layout); sets DP")
     parser.add_argument("--no-mtp", action="store_true", help="leave the MTP layer out")
+    parser.add_argument("--lora-r", type=int, default=None, metavar="R",
+                        help="also show LoRA adapters of rank R: trainable parameters and the "
+                             "memory of a LoRA run (frozen bf16 base)")
+    parser.add_argument("--lora-targets", "--lora-target-modules", dest="lora_targets",
+                        default=None, metavar="NAMES",
+                        help="HF module names, comma separated, or all-linear "
+                             "(default: q_proj,k_proj,v_proj, as the trainers)")
     args = parser.parse_args(argv)
+    if args.lora_r is None and args.lora_targets is not None:
+        parser.error("--lora-targets needs --lora-r")
+    if args.lora_r is not None and args.lora_r < 1:
+        parser.error("--lora-r must be >= 1")
 
     warnings.filterwarnings("ignore")
     from glm_megatron.models import ConfigError, get_preset, load_hf_config
@@ -48,9 +60,17 @@ def main(argv=None) -> int:
         from glm_megatron.models.summary import format_summary, summarize
         from glm_megatron.parallel import install_cpu_support
 
+        lora = None
+        if args.lora_r is not None:
+            from glm_megatron.models.lora import LoraSettings, resolve_targets
+
+            targets = [t.strip() for t in (args.lora_targets or "q_proj,k_proj,v_proj").split(",")]
+            lora = LoraSettings(r=args.lora_r, targets=resolve_targets(cfg, targets,
+                                                                       key="--lora-targets"))
         install_cpu_support()
         summary = summarize(cfg, layout, world_size=args.world_size,
-                            include_mtp=not args.no_mtp and cfg.num_nextn_predict_layers > 0)
+                            include_mtp=not args.no_mtp and cfg.num_nextn_predict_layers > 0,
+                            lora=lora)
     except (ConfigError, LayoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,10 @@ Each pipeline stage's model is built by the real builder on the ``meta`` device,
 that stage, inside a *fake* process group of the layout's world size (``torch.distributed``'s
 ``fake`` backend: groups exist, no communication happens). So the counts are those of the model
 the trainers build, and the 355B model is summarised on a laptop in seconds.
+
+With LoRA settings, :func:`attach_lora` adds its adapters to the same meta model (so the counts
+are what the trainers create, equal to PEFT's) and the memory is that of a LoRA run: the frozen
+base holds bf16 weights only, the adapters train like any parameter.
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ from ..parallel import cpu_compat
 from ..parallel.layout import ParallelLayout, minimal_world_size, validate_layout
 from .builder import build_gpt_model
 from .config import GLMConfig, model_shape
+from .lora import LoraSettings, attach_lora
+from .lora_names import is_adapter_param
 from .megatron_config import to_transformer_config
 
 # bf16 weight + fp32 main grad; fp32 master weight + Adam m + v (sharded with the distributed
 # optimizer over the data-parallel ranks that hold the same parameter).
 WEIGHT_GRAD_BYTES = 2 + 4
 OPTIMIZER_BYTES = 4 + 4 + 4
+# LoRA: the frozen base keeps its bf16 weights only (no gradient, no optimizer state).
+FROZEN_BYTES = 2
 
 
 @dataclass
@@ -33,6 +41,11 @@ class StageSummary:
     mtp_params: int = 0  # MTP part of ``params``
     weight_grad_bytes: int = 0
     optimizer_bytes: int = 0
+    # With LoRA: this rank's adapter parameters and the memory of a LoRA run on this rank.
+    adapter_params: int = 0
+    frozen_bytes: int = 0  # the base (``params``) as frozen bf16 weights
+    adapter_weight_grad_bytes: int = 0
+    adapter_optimizer_bytes: int = 0
 
 
 @dataclass
@@ -45,10 +58,14 @@ class ModelSummary:
     active_params: int = 0  # per token: shared parts + top-k of the routed experts
     embedding_params: int = 0  # input embedding + output layer (in total and active)
     stages: list[StageSummary] = field(default_factory=list)
+    lora: LoraSettings | None = None
+    adapter_params: int = 0  # every adapter parameter once (what PEFT counts as trainable)
 
 
 def summarize(cfg: GLMConfig, layout: ParallelLayout, *, world_size: int = 0,
-              include_mtp: bool = True) -> ModelSummary:
+              include_mtp: bool = True, lora: LoraSettings | None = None) -> ModelSummary:
+    """Counts and per-rank memory; with ``lora`` (targets resolved, see ``resolve_targets``)
+    also the adapters and a LoRA run's memory."""
     world = world_size or minimal_world_size(layout)
     layout = validate_layout(layout, world, model_shape(cfg), training=True)
     if dist.is_initialized():
@@ -57,7 +74,7 @@ def summarize(cfg: GLMConfig, layout: ParallelLayout, *, world_size: int = 0,
     from megatron.core import parallel_state as ps
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    result = ModelSummary(layout=layout, world_size=world)
+    result = ModelSummary(layout=layout, world_size=world, lora=lora)
     ranks_per_stage = world // layout.pp
     dp = world // (layout.tp * layout.cp * layout.pp)
     expert_dp = world // (layout.ep * layout.etp * layout.pp)
@@ -79,7 +96,11 @@ def summarize(cfg: GLMConfig, layout: ParallelLayout, *, world_size: int = 0,
             )
             with torch.device("meta"):
                 model = build_gpt_model(cfg, tconfig)
-            result.stages.append(_count_stage(stage, model, layout, result, dp, expert_dp))
+            summary = _count_stage(stage, model, layout, result, dp, expert_dp)
+            if lora is not None:
+                # The distributed optimizer shards non-expert parameters over DP x CP.
+                _count_adapters(summary, model, cfg, lora, layout, result, dp * layout.cp)
+            result.stages.append(summary)
         finally:
             ps.destroy_model_parallel()
             dist.destroy_process_group()
@@ -122,6 +143,22 @@ def _count_stage(stage, model, layout, result, dp, expert_dp) -> StageSummary:
     return s
 
 
+def _count_adapters(s: StageSummary, model, cfg, lora, layout, result, dp_cp) -> None:
+    """Attach the adapters to this stage's meta model as the trainers do and count them."""
+    with torch.device("meta"):  # A's random init and B's zeros: no memory
+        created = attach_lora([model], cfg, lora)
+    adapters = [(n, p) for n, p in model.named_parameters() if is_adapter_param(n)]
+    assert sum(p.numel() for _, p in adapters) == created, "adapters not found by name"
+    for _, p in adapters:
+        # Column adapters' B and row adapters' A are split over TP, the rest replicated.
+        pieces = layout.tp if getattr(p, "tensor_model_parallel", False) else 1
+        result.adapter_params += p.numel() * pieces
+    s.adapter_params = created
+    s.frozen_bytes = s.params * FROZEN_BYTES
+    s.adapter_weight_grad_bytes = created * WEIGHT_GRAD_BYTES
+    s.adapter_optimizer_bytes = round(created * OPTIMIZER_BYTES / dp_cp)
+
+
 def format_summary(summary: ModelSummary, name: str) -> str:
     gib = 1024**3
     lines = [
@@ -149,4 +186,31 @@ def format_summary(summary: ModelSummary, name: str) -> str:
             f"{total / gib:>6.1f} GiB"
         )
     lines.append("(activations, KV caches and framework buffers come on top)")
+    if summary.lora is not None:
+        lines += ["", *_format_lora(summary)]
     return "\n".join(lines)
+
+
+def _format_lora(summary: ModelSummary) -> list[str]:
+    gib, mib = 1024**3, 1024**2
+    lora = summary.lora
+    share = 100 * summary.adapter_params / max(summary.total_params, 1)
+    lines = [
+        f"LoRA r={lora.r} on {', '.join(lora.targets)} (base frozen):",
+        f"trainable (adapter) parameters: {summary.adapter_params:>11,}  "
+        f"({summary.adapter_params / 1e6:.2f} M, {share:.3f} % of the total)",
+        "",
+        "per rank with LoRA (frozen base: bf16 weights, no grads, no optimizer state; adapters: "
+        "bf16 weights + fp32 grads, fp32 master + Adam m/v sharded by the distributed optimizer"
+        " over DP x CP):",
+        f"{'stage':>5} {'adapter params':>16} {'frozen weights':>15} {'adapters+grads':>15} "
+        f"{'optimizer':>12} {'total':>10}",
+    ]
+    for s in summary.stages:
+        total = s.frozen_bytes + s.adapter_weight_grad_bytes + s.adapter_optimizer_bytes
+        lines.append(
+            f"{s.stage:>5} {s.adapter_params:>16,} {s.frozen_bytes / gib:>11.2f} GiB "
+            f"{s.adapter_weight_grad_bytes / mib:>11.1f} MiB {s.adapter_optimizer_bytes / mib:>8.1f} "
+            f"MiB {total / gib:>6.2f} GiB"
+        )
+    return lines
