@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 GPU_CHECK_ARGS ?=
 
-.PHONY: install test bench bench-gpu gpu-check lint demo demo-stages clean
+.PHONY: install test bench bench-gpu gpu-check lint demo demo-stages demo-lora clean
 
 install: $(STAMP)
 
@@ -29,6 +29,7 @@ bench: install
 	$(PY) tools/bench_sft.py
 	$(PY) tools/bench_generation.py
 	$(PY) tools/bench_ppo.py
+	$(PY) tools/bench_lora.py
 
 # On a CUDA machine: the Triton kernels' TFLOP/s and GB/s against the device's peak.
 bench-gpu: install
@@ -51,6 +52,11 @@ demo: install
 demo-stages: install
 	PY=$(PY) examples/tiny_sft/demo.sh
 	PY=$(PY) examples/tiny_rm/demo.sh
+
+# LoRA SFT as the ChatGLM4 tutorial (r 8, alpha 32, q/k/v) on a tiny GLM-4-9B-shaped model, 2 CPU
+# ranks (TP=2+SP): Alpaca-zh data -> HF base -> LoRA -> PEFT + merged export -> transformers + peft.
+demo-lora: install
+	OMP_NUM_THREADS=1 $(PY) examples/tiny_lora/run_demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
