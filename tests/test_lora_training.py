@@ -138,3 +138,21 @@ def test_adapter_only_export_of_a_full_checkpoint_is_refused(setup, tmp_path):
     proc = run_tool(CONVERT, "megatron-to-hf", "--load", str(tmp_path / "full"), "--output-dir",
                     str(tmp_path / "x"), "--adapter-only")
     assert proc.returncode == 2 and "holds no LoRA adapters" in proc.stderr, proc.stderr
+
+
+def test_merged_export_without_its_base_is_refused_before_writing(run, tmp_path):
+    import shutil
+
+    out, _ = run
+    moved = tmp_path / "run"
+    shutil.copytree(out / "iter_0000020", moved / "iter_0000020")
+    (moved / "latest").write_text("iter_0000020\n")
+    record_file = moved / "iter_0000020" / "model" / "adapter_base.json"
+    record = json.loads(record_file.read_text())
+    record["base"] = str(tmp_path / "deleted_base")
+    record_file.write_text(json.dumps(record))
+    proc = run_tool(CONVERT, "megatron-to-hf", "--load", str(moved), "--output-dir",
+                    str(tmp_path / "merged"))
+    assert proc.returncode == 2, proc.stderr
+    assert "deleted_base are gone" in proc.stderr and "--adapter-only" in proc.stderr
+    assert not (tmp_path / "merged").exists()

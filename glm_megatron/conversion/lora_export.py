@@ -65,9 +65,11 @@ def export_adapter(weights_dir: str, out_dir: str, base_class: str) -> dict:
             "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 
 
-def merge_function(weights_dir: str):
+def merge_function(weights_dir: str, base_names):
     """(base weights dir, ``adjust(hf_name, tensor) -> tensor``) that adds each adapter's
-    ``s·B·A`` to its HF weight; ``adjust`` leaves every other tensor as it is."""
+    ``s·B·A`` to its HF weight; ``adjust`` leaves every other tensor as it is.
+    ``base_names(base) -> names`` lists the base's HF tensors: an adapted weight the base does
+    not have is refused before anything is written."""
     base = read_adapter_base(weights_dir)
     settings = settings_of(base)
     tensors = peft_tensors_from_checkpoint(TorchDistReader(weights_dir))
@@ -76,17 +78,22 @@ def merge_function(weights_dir: str):
         if name.endswith(".lora_A.weight"):
             module = name[len("base_model.model."):-len(".lora_A.weight")]
             pairs[module + ".weight"] = (a, tensors[name.replace("lora_A", "lora_B")])
-    merged = set()
+    if not os.path.isdir(base["base"]):
+        raise ConfigError(f"{weights_dir}: its base weights {base['base']} are gone "
+                          f"(adapter_base.json); export with --adapter-only")
+    missing = sorted(set(pairs) - set(base_names(base["base"])))
+    if missing:
+        raise ConfigError(f"{weights_dir}: {len(missing)} adapted weight(s) are not in the base "
+                          f"{base['base']}: {missing[:5]}")
 
     def adjust(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         if hf_name not in pairs:
             return tensor
         a, b = pairs[hf_name]
-        merged.add(hf_name)
         delta = (b.double() @ a.double()) * settings.scale
         return (tensor.double() + delta).to(tensor.dtype)
 
-    return base["base"], adjust, lambda: sorted(set(pairs) - merged)
+    return base["base"], adjust
 
 
 def write_merged_hf_copy(base_hf_dir: str, tmp: str, adjust) -> dict:

@@ -241,10 +241,7 @@ def _export_lora_run(weights: str, out_dir: str, adapter_only: bool, start: floa
             output_dir.finish(out_dir)
         call["barrier"]()
         return dict(summary, seconds=time.time() - start)
-    base, adjust, unmerged = lora_export.merge_function(weights)
-    if not os.path.isdir(base):
-        raise ConfigError(f"{weights}: its base weights {base} are gone "
-                          f"({BASE_FILE}); export with --adapter-only")
+    base, adjust = lora_export.merge_function(weights, _hf_names_of)
     if is_dist_checkpoint(base):
         summary = convert_megatron_to_hf(
             base, out_dir, **{k: call[k] for k in (
@@ -255,8 +252,24 @@ def _export_lora_run(weights: str, out_dir: str, adapter_only: bool, start: floa
         output_dir.start(out_dir)
         summary.update(lora_export.write_merged_hf_copy(base, tmp, adjust))
         output_dir.finish(out_dir)
-    left = unmerged()
-    if left and call["world_size"] == 1:
-        raise ConfigError(f"{weights}: {len(left)} adapted weight(s) not found in the base "
-                          f"{base}: {left[:5]}")
     return dict(summary, seconds=time.time() - start)
+
+
+def _hf_names_of(base: str) -> list[str]:
+    """The HF tensor names of a base weights directory (torch_dist or HF safetensors)."""
+    if is_dist_checkpoint(base):
+        reader = TorchDistReader(base)
+        cfg = weights_dir.read_model_config(base)
+        return [name for key in reader.tensors
+                for name in checkpoint_tensor_to_hf_names(key, reader.shape(key), cfg)]
+    from ..models.hf_checkpoint import HFCheckpointReader
+
+    return HFCheckpointReader(base).names()
+
+
+def checkpoint_tensor_to_hf_names(key: str, shape: tuple, cfg: GLMConfig) -> list[str]:
+    """The HF names :func:`checkpoint_tensor_to_hf` gives a checkpoint key (no data read)."""
+    if key in NOT_EXPORTED:
+        return []
+    return [n for name, _ in checkpoint_key_entries(key, shape)
+            for n in hf_sources(name, cfg).hf_names]
