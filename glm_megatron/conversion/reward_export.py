@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from ..models.checkpoint_dirs import REWARD_FILE, is_reward_checkpoint, reward_info_file
 from ..models.config import ConfigError
 from ..models.hf_layout import expected_hf_tensors
+from ..models.lora_files import BASE_FILE, is_adapter_checkpoint
 from ..models.reward_head import HEAD_KEY
 from . import hf_export_files, output_dir, weights_dir
 from .dist_reader import TorchDistReader
@@ -65,6 +66,9 @@ def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = 
     start = time.time()
     output_dir.check_output_dir(out_dir, overwrite)
     weights = weights_dir.resolve_weights_dir(load)
+    if is_adapter_checkpoint(weights):
+        raise ConfigError(f"--load: {weights} is a LoRA reward model (adapters + head, "
+                          f"{BASE_FILE} beside them); exporting one is not supported yet")
     info = read_reward_info(weights)
     cfg = weights_dir.read_model_config(weights)
     reader = TorchDistReader(weights)

@@ -103,6 +103,9 @@ def build_value_model(source: ModelSource, layout, t, seed: int):
 
 
 def build_frozen(source: ModelSource, layout, t, reward: bool):
+    if is_adapter_checkpoint(source.weights):
+        raise TrainConfigError(f"{source.key}: {source.weights} holds LoRA adapters only; a LoRA "
+                               "model as PPO's reference or reward model is not supported yet")
     chunks, tconfig = _build(source, layout, params_dtype(t), train=False)
     if reward:
         attach_reward_heads(chunks, tconfig)
