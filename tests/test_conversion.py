@@ -261,10 +261,17 @@ def test_non_empty_output_directory_is_refused(tiny_hf_dir, converted, tmp_path)
     assert "exists and is not empty (pass --overwrite" in err
     err = _convert_error("megatron-to-hf", "--load", str(converted), "--output-dir", str(taken))
     assert "exists and is not empty" in err
+    # --overwrite replaces only what a conversion wrote: keep.txt is not, so it is refused...
+    err = _convert_error("megatron-to-hf", "--load", str(converted), "--output-dir", str(taken),
+                         "--overwrite")
+    assert "--overwrite refused: the directory holds keep.txt" in err
+    assert (taken / "keep.txt").read_text() == "mine"
+    # ...until it is gone (replacing an earlier export: tests/test_reliability.py).
+    (taken / "keep.txt").unlink()
     proc = run_tool(CONVERT, "megatron-to-hf", "--load", str(converted), "--output-dir",
                     str(taken), "--overwrite")
     assert proc.returncode == 0, proc.stderr
-    assert not (taken / "keep.txt").exists() and (taken / "config.json").exists()
+    assert (taken / "config.json").exists()
 
 
 def test_bad_megatron_checkpoints(converted, tiny_hf_dir, tmp_path):

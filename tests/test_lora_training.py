@@ -5,7 +5,9 @@ as the tutorial loads glm-4-9b-chat-hf); the run trains adapters only, at TP=2 w
 parallelism. Checked: held-out loss falls; checkpoints hold only the adapters and name the base;
 a resumed run repeats the uninterrupted run's losses; a different base is refused naming both;
 the PEFT export loads in peft and gives the merged export's logits (peft is the oracle); the
-merged export differs from the base (the adapters learned something).
+merged export differs from the base (the adapters learned something). One more run trains LoRA
+on every linear of a tiny GLM-4.5 MoE (routed experts included) with lm_head trained fully, at
+TP=2+SP with expert TP 1, and checks its exports the same way.
 """
 
 import json
@@ -156,3 +158,58 @@ def test_merged_export_without_its_base_is_refused_before_writing(run, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "deleted_base are gone" in proc.stderr and "--adapter-only" in proc.stderr
     assert not (tmp_path / "merged").exists()
+
+
+# --------------------------------------------------------------------- GLM-4.x MoE, every linear
+@pytest.fixture(scope="module")
+def moe_run(setup):
+    """LoRA on every linear of a tiny GLM-4.5-shaped MoE (routed experts, shared expert, dense
+    layer) plus lm_head trained fully, at TP2+SP with expert TP 1: the expert adapters' gradients
+    are reduced over the two expert-data-parallel ranks and their optimizer state is sharded
+    there; gradient clipping counts every expert adapter once."""
+    from helpers.tiny_hf import make_tiny_hf_checkpoint
+
+    root, data, _ = setup
+    base = make_tiny_hf_checkpoint(str(root / "moe_base"), seed=4, with_mtp=False,
+                                   vocab_size=data["vocab_size"])
+    out = root / "moe_run"
+    cfg = tiny_config(data, str(out))
+    cfg["model"] = {"hf_checkpoint": base, "use_peft": True, "lora_r": 8, "lora_alpha": 16,
+                    "lora_target_modules": "all-linear", "lora_modules_to_save": ["lm_head"]}
+    cfg["training"].update(learning_rate=5e-3, min_learning_rate=5e-4, max_steps=6,
+                           gradient_clipping=0.5)
+    cfg["parallel"] = {"tensor_model_parallel_size": 2, "sequence_parallel": True,
+                       "expert_tensor_parallel_size": 1}
+    cfg["checkpoint"].update(save_final=True)
+    cfg["evaluation"].update(eval_strategy="steps", eval_steps=6, eval_at_start=True)
+    _, log = run_glm("sft", "--config", write_config(cfg, str(root / "moe.yaml")))
+    return base, out, log
+
+
+def test_moe_lora_trains_and_its_peft_export_equals_the_merged_export(moe_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from glm_megatron.conversion.dist_reader import TorchDistReader
+    from glm_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    base, out, log = moe_run
+    evals = [float(line.split("eval_loss ")[1].split()[0]) for line in log.splitlines()
+             if line.startswith("eval @ step")]
+    assert len(evals) == 2 and evals[-1] < evals[0] - 1.0, evals
+    keys = list(TorchDistReader(str(out / "iter_0000006" / "model")).tensors)
+    assert [k for k in keys if "_lora.adapters." not in k] == ["output_layer.weight"]
+    assert any(".mlp.experts.experts.linear_fc1_lora." in k for k in keys)
+    assert any(".mlp.shared_experts.linear_fc2_lora." in k for k in keys)
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    convert_megatron_to_hf(str(out), str(adapter), adapter_only=True, progress=False)
+    convert_megatron_to_hf(str(out), str(merged), progress=False)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        base_logits = plain(input_ids=ids).logits
+        peft_logits = PeftModel.from_pretrained(plain, str(adapter)).eval()(input_ids=ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(
+            str(merged), dtype=torch.float32).eval()(input_ids=ids).logits
+    assert (peft_logits - merged_logits).abs().max() < 1e-4
+    assert (peft_logits - base_logits).abs().max() > 1e-2

@@ -84,14 +84,16 @@ def test_bad_input(args, message):
 
 # ----------------------------------------------------------------------------- LoRA
 def peft_adapter_count(preset: str, targets, r: int) -> int:
-    """peft's trainable-parameter count for LoRA on transformers' model of the preset."""
+    """peft's trainable-parameter count for LoRA on transformers' model of the preset
+    (``targets``: target_modules, or a dict of LoraConfig arguments)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf = get_preset(preset).to_hf_dict()
     config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    kwargs = targets if isinstance(targets, dict) else {"target_modules": targets}
     model = get_peft_model(AutoModelForCausalLM.from_config(config),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
+                           LoraConfig(r=r, lora_alpha=2 * r, **kwargs))
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     return trainable
@@ -110,7 +112,14 @@ LORA_CASES = [
     ("glm4-9b-tiny", "all-linear", "all-linear", 4, ["--tp", "2", "--pp", "2"]),
     ("glm4-moe-tiny", "q_proj,k_proj,v_proj", ["q_proj", "k_proj", "v_proj"], 8,
      ["--tp", "2", "--ep", "2"]),
-    ("glm4-moe-tiny", "all-linear", ["q_proj", "k_proj", "v_proj", "o_proj"], 16, ["--pp", "2"]),
+    # MoE: peft adapts gate/up/down as the routed experts' fused parameters (gate_up at rank 2r)
+    ("glm4-moe-tiny", "gate_proj,up_proj,down_proj", ["gate_proj", "up_proj", "down_proj"], 8,
+     ["--tp", "2", "--ep", "2"]),
+    # ... and the shared expert and the dense layer only as parameters (what our export writes).
+    ("glm4-moe-tiny", "all-linear", dict(
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_parameters=[f"{m}.{p}_proj.weight" for m in ("shared_experts", "mlp")
+                           for p in ("gate", "up", "down")]), 16, ["--pp", "2"]),
 ]
 
 
@@ -187,7 +196,13 @@ def test_lora_memory_of_glm4_9b():
 @pytest.mark.parametrize("args, message", [
     (["--preset", "glm4-moe-tiny", "--lora-r", "8", "--lora-targets", "gate_up_proj"],
      "--lora-targets: gate_up_proj is not a linear module of a glm4_moe model; valid: q_proj, "
-     "k_proj, v_proj, o_proj or all-linear"),
+     "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, shared_experts.gate_proj, "
+     "shared_experts.up_proj, shared_experts.down_proj, mlp.gate_proj, mlp.up_proj, "
+     "mlp.down_proj or all-linear"),
+    (["--preset", "glm4.5-air-106b-a12b", "--tp", "4", "--etp", "2", "--lora-r", "8",
+      "--lora-targets", "all-linear"],
+     "--etp: LoRA on the routed experts needs expert tensor parallelism 1 or equal to the tensor "
+     "parallel size (4), got 2"),
     (["--preset", "glm4-9b-tiny", "--lora-targets", "q_proj"], "--lora-targets needs --lora-r"),
 ])
 def test_lora_bad_input(args, message):

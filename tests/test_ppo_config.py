@@ -122,3 +122,48 @@ def _tiny_hf() -> dict:
     from glm_megatron.models import get_preset
 
     return get_preset("glm4-moe-tiny").to_hf_dict()
+
+
+@pytest.fixture(scope="module")
+def prompt_data(tmp_path_factory):
+    from workers.ppo_common import build_ppo_data
+
+    return build_ppo_data(str(tmp_path_factory.mktemp("ppo_prompts")))
+
+
+def test_a_raw_prompt_file_gives_the_ids_of_its_tokenized_split(prompt_data):
+    """The guide's raw train.jsonl as prompt_data_path: rendered at start exactly as
+    tools/tokenize_data.py --format prompts renders it (the tokenized split is the oracle)."""
+    from glm_megatron.algorithms.ppo.data import open_prompts, prompt_tokenizer_info
+    from glm_megatron.data.chat_template import template_for_model_type
+
+    vocab = prompt_data["vocab_size"]
+    tokenized, _ = open_prompts(prompt_data["prompts_train"], "k", vocab, 1024)
+    raw_file = prompt_data["jsonl"]["prompts_train"]
+    raw, skipped = open_prompts(raw_file, "k", vocab, 1024, tokenizer_path=prompt_data["tokenizer"],
+                                template=template_for_model_type("glm4_moe"))
+    assert skipped == 0 and len(raw) == len(tokenized) > 100 and raw == tokenized
+    limit = sorted(len(p) for p in raw)[len(raw) // 2]
+    short, skipped = open_prompts(raw_file, "k", vocab, limit - 1,
+                                  tokenizer_path=prompt_data["tokenizer"],
+                                  template=template_for_model_type("glm4_moe"))
+    assert skipped == len(raw) - len(short) > 0 and all(len(p) < limit for p in short)
+    info = prompt_tokenizer_info(raw_file, prompt_data["tokenizer"])
+    assert info["stop_ids"] and info["vocab_size"] == vocab
+
+
+def test_raw_prompt_files_are_checked_like_tokenized_ones(prompt_data, tmp_path):
+    from glm_megatron.algorithms.ppo.data import open_prompts
+
+    vocab, tok = prompt_data["vocab_size"], prompt_data["tokenizer"]
+    raw_file = prompt_data["jsonl"]["prompts_train"]
+    with pytest.raises(TrainConfigError, match="set data.tokenizer_path"):
+        open_prompts(raw_file, "data.prompt_data_path", vocab, 1024)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": 3}\n')
+    with pytest.raises(TrainConfigError, match=r"data.prompt_data_path: .*bad.jsonl:2: "):
+        open_prompts(str(bad), "data.prompt_data_path", vocab, 1024, tokenizer_path=tok,
+                     template="glm4.5")
+    with pytest.raises(TrainConfigError, match="more than the policy's vocab_size 10"):
+        open_prompts(raw_file, "data.prompt_data_path", 10, 1024, tokenizer_path=tok,
+                     template="glm4.5")

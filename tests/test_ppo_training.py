@@ -160,3 +160,14 @@ def test_lora_policy_is_its_own_reference(suite):
     keys = run["saved_keys"]
     assert run["base_record"] and "value_head.weight" in keys
     assert all("_lora.adapters." in k or k == "value_head.weight" for k in keys), keys[:5]
+
+
+def test_ppo_starts_from_a_lora_checkpoint_with_its_adapters_folded_in(suite):
+    """The LoRA run's last validation and the next run's first use the same prompts (the next
+    run reads them raw, rendered at start) and seed: the folded policy must generate and score
+    as the adapters did."""
+    end_of_lora = suite["lora"]["validation"][-1][1]
+    (step, start), _ = suite["from_lora"]["validation"]
+    assert step == 0
+    assert start["mean_reward"] == pytest.approx(end_of_lora["mean_reward"], abs=1e-4)
+    assert start["kl_divergence"] == 0.0  # its reference is the folded model itself

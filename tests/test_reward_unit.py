@@ -11,11 +11,11 @@ import torch
 
 from glm_megatron.algorithms.rm.calibration import calibration_table, plot_calibration
 from glm_megatron.algorithms.rm.config import RMConfig
-from glm_megatron.algorithms.rm.data import build_inputs
 from glm_megatron.algorithms.rm.loss import pair_loss, ranking_loss
 from glm_megatron.data.encoding import EncodeOptions
 from glm_megatron.data.errors import DataValidationError
 from glm_megatron.engine.config import TrainConfigError, load_config
+from glm_megatron.engine.preference_batches import build_inputs
 from glm_megatron.models.reward_head import last_token_index, read_scores
 
 
@@ -200,10 +200,10 @@ def test_cli_bad_input_exits_2_with_error_line(tmp_path):
 
 def test_per_pair_margin_from_the_data_reaches_the_loss(tmp_path, tokenizer_dir):
     """A record's ``margin`` is stored per pair and used; records without one get the config's."""
-    from glm_megatron.algorithms.rm.data import PreferenceBatcher
     from glm_megatron.data.dataset import TokenizedDataset
     from glm_megatron.data.tokenizer import load_tokenizer
     from glm_megatron.data.tokenizing import tokenize_files
+    from glm_megatron.engine.preference_batches import PreferenceBatcher
 
     src = tmp_path / "prefs.jsonl"
     records = [

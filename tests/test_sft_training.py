@@ -66,7 +66,7 @@ def test_save_total_limit_keeps_the_newest_and_the_best(suite):
     state = json.loads((run_dir / "iter_0000008" / "trainer_state.json").read_text())
     assert state["step"] == 8 and state["best_metric"] == pytest.approx(evals[best_step])
     for part in ("model/metadata.json", "optimizer/metadata.json", "model_config.json",
-                 "rng/rank_00000.pt", "rng/rank_00001.pt"):
+                 "rng/rank_00000.safetensors", "rng/rank_00001.safetensors"):
         assert (run_dir / "iter_0000008" / part).is_file(), part
 
 

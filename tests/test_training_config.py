@@ -1,6 +1,7 @@
 """Trainer config: the seed's YAML loads as is; bad keys, types and combinations are clear
 errors naming the key, from the library and from the CLI (exit 2, no traceback)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -177,10 +178,16 @@ def test_cli_reports_config_errors_without_traceback(seed_file, tmp_path):
 
 
 def _fake_ckpt(root, step, complete=True):
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
     d = root / ckpt.iter_name(step)
-    (d / "model").mkdir(parents=True)
-    (d / "model" / "metadata.json").write_text("{}")
-    (d / "model" / ".metadata").write_text("")
+    for sub in ("model", "optimizer"):  # empty but well-formed torch_dist directories
+        (d / sub).mkdir(parents=True)
+        (d / sub / "metadata.json").write_text("{}")
+        (d / sub / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={}, storage_data={})))
+    (d / "trainer_state.json").write_text(json.dumps({"step": step, "scheduler": {}}))
     if complete:
         (d / ckpt.COMPLETE).write_text("")
     return d

@@ -7,24 +7,25 @@ suite worker) to 1e-6.
 """
 
 import json
-import os
 import signal
-import subprocess
 import time
 
 import psutil
 import pytest
 from workers.train_common import (
     build_tiny_data,
-    glm_cmd,
+    complete_steps,
+    kill_job,
+    logged_steps,
     read_train_log,
     run_glm,
+    start_glm,
     tiny_config,
+    wait_for,
     write_config,
 )
 
-from helpers.launch import REPO, torchrun
-from helpers.launch import test_env as launch_env
+from helpers.launch import torchrun
 
 STEPS = 60
 
@@ -38,32 +39,7 @@ def _config(data, out_dir):
 
 
 def _start(cfg_file, *extra):
-    return subprocess.Popen(glm_cmd("sft", "--config", cfg_file, *extra), cwd=REPO,
-                            env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def _wait_for(cond, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
-def _logged_steps(out_dir) -> int:
-    try:
-        return max(read_train_log(out_dir), default=0)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-
-
-def _complete_steps(out_dir) -> list[int]:
-    return sorted(int(p[5:]) for p in os.listdir(out_dir)
-                  if p.startswith("iter_") and os.path.isfile(os.path.join(out_dir, p, "COMPLETE")))
+    return start_glm("sft", "--config", cfg_file, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +57,7 @@ def test_sigterm_then_kill9_resume_equals_uninterrupted(data, tmp_path):
 
     # 1. SIGTERM to the workers (what Slurm does on preemption) -> checkpoint, exit 0.
     proc = _start(cfg_file)
-    _wait_for(lambda: _logged_steps(out_dir) >= 6, proc)
+    wait_for(lambda: logged_steps(out_dir) >= 6, proc)
     workers = psutil.Process(proc.pid).children()  # torchrun's ranks
     assert len(workers) == 2
     for w in workers:
@@ -89,21 +65,16 @@ def test_sigterm_then_kill9_resume_equals_uninterrupted(data, tmp_path):
     text = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, text[-4000:]
     assert "checkpoint saved at step" in text
-    stopped = _complete_steps(out_dir)[-1]
+    stopped = complete_steps(out_dir)[-1]
     assert 6 <= stopped < STEPS
     state = json.loads((tmp_path / "run" / f"iter_{stopped:07d}" / "trainer_state.json").read_text())
     assert state["step"] == stopped and state["consumed_samples"] == 8 * stopped
 
     # 2. Resume, then kill -9 the whole job (no handler runs) after one more checkpoint.
     proc = _start(cfg_file, "--resume", "auto")
-    _wait_for(lambda: _complete_steps(out_dir)[-1] >= stopped + 4, proc)
-    # torchrun starts its ranks in sessions of their own, so a process-group kill would miss
-    # them: SIGKILL every process of the job, as a node failure would.
-    job = psutil.Process(proc.pid)
-    for p in [*job.children(recursive=True), job]:
-        p.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    killed_at = _logged_steps(out_dir)
+    wait_for(lambda: complete_steps(out_dir)[-1] >= stopped + 4, proc)
+    kill_job(proc)
+    killed_at = logged_steps(out_dir)
     assert killed_at < STEPS, "the run finished before it could be killed"
 
     # 3. Resume again to the end.
@@ -133,7 +104,7 @@ def test_a_dying_rank_ends_the_job_with_a_clear_error(data, tmp_path):
     cfg = _config(info, out_dir)
     cfg["training"]["max_steps"] = 10_000
     proc = _start(write_config(cfg, str(tmp_path / "sft.yaml")))
-    _wait_for(lambda: _logged_steps(out_dir) >= 2, proc)
+    wait_for(lambda: logged_steps(out_dir) >= 2, proc)
     victim = psutil.Process(proc.pid).children()[1]
     victim.send_signal(signal.SIGKILL)
     started = time.time()

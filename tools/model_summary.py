@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-targets", "--lora-target-modules", dest="lora_targets",
                         default=None, metavar="NAMES",
                         help="HF module names, comma separated, or all-linear "
-                             "(default: q_proj,k_proj,v_proj, as the trainers)")
+                             "(default: q_proj,k_proj,v_proj, as the trainers; on MoE models "
+                             "gate_proj,up_proj,down_proj are the routed experts)")
     args = parser.parse_args(argv)
     if args.lora_r is None and args.lora_targets is not None:
         parser.error("--lora-targets needs --lora-r")
@@ -62,11 +63,12 @@ def main(argv=None) -> int:
 
         lora = None
         if args.lora_r is not None:
-            from glm_megatron.models.lora import LoraSettings, resolve_targets
+            from glm_megatron.models.lora import LoraSettings, check_expert_layout, resolve_targets
 
             targets = [t.strip() for t in (args.lora_targets or "q_proj,k_proj,v_proj").split(",")]
             lora = LoraSettings(r=args.lora_r, targets=resolve_targets(cfg, targets,
                                                                        key="--lora-targets"))
+            check_expert_layout(cfg, lora.targets, layout.etp, layout.tp, key="--etp")
         install_cpu_support()
         summary = summarize(cfg, layout, world_size=args.world_size,
                             include_mtp=not args.no_mtp and cfg.num_nextn_predict_layers > 0,

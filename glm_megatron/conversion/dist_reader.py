@@ -12,18 +12,20 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ..models.config import ConfigError
 from ..models.hf_layout import is_model_tensor_key
+from ..models.torch_dist_files import (
+    check_torch_dist,
+    load_failure,
+    read_errors,
+    weights_only_loads,
+)
 
 
 class TorchDistReader:
     def __init__(self, path: str):
         self.path = path
-        self._reader = dcp.FileSystemReader(path)
-        try:
-            metadata = self._reader.read_metadata()
-        except Exception as err:  # a truncated or foreign .metadata file
-            raise ConfigError(f"{path}: unreadable torch_dist metadata ({err})") from None
+        # Pickle-free, and every shard file present and long enough (names the bad file).
+        metadata = check_torch_dist(path)
         self.tensors: dict[str, TensorStorageMetadata] = {
             key: meta for key, meta in metadata.state_dict_metadata.items()
             if isinstance(meta, TensorStorageMetadata) and is_model_tensor_key(key)
@@ -42,7 +44,8 @@ class TorchDistReader:
     def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         state = {k: torch.empty(self.shape(k), dtype=self.dtype(k)) for k in keys}
         try:
-            dcp.load(state, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
-        except Exception as err:  # missing or truncated .distcp shard files
-            raise ConfigError(f"{self.path}: cannot read tensors {keys[:3]}... ({err})") from None
+            with weights_only_loads():
+                dcp.load(state, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
+        except read_errors() as err:  # corrupt .distcp shard files: name the file
+            raise load_failure(self.path, err) from None
         return state

@@ -110,7 +110,7 @@ def convert_hf_to_megatron(
     from ..models.loading import build_glm_model, load_hf_into_model
 
     start = time.time()
-    output_dir.check_output_dir(out_dir, overwrite)
+    output_dir.check_output_dir(out_dir, overwrite, inputs=(hf_dir,))
     check = check_hf_checkpoint(hf_dir, preset=preset, params_dtype=params_dtype)
     ctx = initialize_parallel(layout, model_shape(check.cfg), training=False)
     tmp = output_dir.partial_path(out_dir)

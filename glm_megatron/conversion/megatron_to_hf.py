@@ -105,7 +105,7 @@ def convert_megatron_to_hf(
     adapter (:mod:`.lora_export`); ``adjust(hf_name, tensor)`` is how the merge reaches here.
     """
     start = time.time()
-    output_dir.check_output_dir(out_dir, overwrite)
+    output_dir.check_output_dir(out_dir, overwrite, inputs=(load, hf_config_dir, tokenizer_dir))
     weights = weights_dir.resolve_weights_dir(load)
     if is_adapter_checkpoint(weights):
         return _export_lora_run(weights, out_dir, adapter_only, start, locals())
@@ -237,11 +237,11 @@ def _export_lora_run(weights: str, out_dir: str, adapter_only: bool, start: floa
         tmp = output_dir.partial_path(out_dir)
         if call["rank"] == 0:
             output_dir.start(out_dir)
-            summary.update(lora_export.export_adapter(weights, tmp, cfg.family.causal_lm_class))
+            summary.update(lora_export.export_adapter(weights, tmp, cfg))
             output_dir.finish(out_dir)
         call["barrier"]()
         return dict(summary, seconds=time.time() - start)
-    base, adjust = lora_export.merge_function(weights, _hf_names_of)
+    base, adjust = lora_export.merge_function(weights, hf_names_of, cfg)
     if is_dist_checkpoint(base):
         summary = convert_megatron_to_hf(
             base, out_dir, **{k: call[k] for k in (
@@ -255,7 +255,7 @@ def _export_lora_run(weights: str, out_dir: str, adapter_only: bool, start: floa
     return dict(summary, seconds=time.time() - start)
 
 
-def _hf_names_of(base: str) -> list[str]:
+def hf_names_of(base: str) -> list[str]:
     """The HF tensor names of a base weights directory (torch_dist or HF safetensors)."""
     if is_dist_checkpoint(base):
         reader = TorchDistReader(base)

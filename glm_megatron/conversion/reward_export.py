@@ -13,6 +13,7 @@ and ``score.weight`` [1, H]; ``config.json`` names the family's class
 statistics. The reward of a sequence is ``score(final_norm(h))`` at its last non-padding token
 (HF reads the last token that is not ``pad_token_id``, so right-pad with it).
 Single process: a reward model is read one decoder layer at a time, like the LM converter.
+A LoRA reward model (adapters + head) exports merged into its base (:mod:`.lora_reward_export`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from safetensors.torch import save_file
 from ..models.checkpoint_dirs import REWARD_FILE, is_reward_checkpoint, reward_info_file
 from ..models.config import ConfigError
 from ..models.hf_layout import expected_hf_tensors
-from ..models.lora_files import BASE_FILE, is_adapter_checkpoint
+from ..models.lora_files import is_adapter_checkpoint
 from ..models.reward_head import HEAD_KEY
 from . import hf_export_files, output_dir, weights_dir
 from .dist_reader import TorchDistReader
+from .lora_reward_export import merged_reward_tensors, write_streamed_shards
 from .megatron_to_hf import (
     DEFAULT_SHARD_BYTES,
     check_hf_shapes,
@@ -64,20 +66,25 @@ def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = 
     ``out_dir``, atomically. ``dtype`` casts every tensor (default: as trained). Returns
     ``{tensors, bytes, shards, mtp, tokenizer, seconds}``; bad input raises ConfigError."""
     start = time.time()
-    output_dir.check_output_dir(out_dir, overwrite)
+    output_dir.check_output_dir(out_dir, overwrite, inputs=(load,))
     weights = weights_dir.resolve_weights_dir(load)
-    if is_adapter_checkpoint(weights):
-        raise ConfigError(f"--load: {weights} is a LoRA reward model (adapters + head, "
-                          f"{BASE_FILE} beside them); exporting one is not supported yet")
     info = read_reward_info(weights)
     cfg = weights_dir.read_model_config(weights)
     reader = TorchDistReader(weights)
     if HEAD_KEY not in reader.tensors or reader.shape(HEAD_KEY) != (1, cfg.hidden_size):
         raise ConfigError(f"{weights}: no reward head {HEAD_KEY} of shape (1, {cfg.hidden_size})")
+    if is_adapter_checkpoint(weights):
+        # Adapters + head only (adapter_base.json names the base): merged into the base's trunk.
+        head = reader.load([HEAD_KEY])[HEAD_KEY]
+        tensors = merged_reward_tensors(weights, cfg, head, SCORE_KEY)
+        tmp = output_dir.start(out_dir)
+        weight_map, total_bytes, dtypes = write_streamed_shards(tensors, tmp, max_shard_bytes, dtype)
+        mtp = any(n.startswith(f"model.layers.{cfg.num_hidden_layers}.") for n in weight_map)
+        return _finish(out_dir, tmp, weights, cfg, info, expected_hf_tensors(cfg, with_mtp=mtp),
+                       weight_map, total_bytes, len(set(weight_map.values())),
+                       dtypes.get("model.embed_tokens.weight"), tokenizer_dir, start)
     with_mtp = any(k.startswith("mtp.") for k in reader.tensors)
     expected = expected_hf_tensors(cfg, with_mtp=with_mtp)
-    expected.pop("lm_head.weight", None)
-    expected[SCORE_KEY] = (1, cfg.hidden_size)
 
     shards = plan_shards(reader, max_shard_bytes)
     names = shard_names(len(shards))
@@ -99,6 +106,16 @@ def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = 
             total_bytes += t.numel() * t.element_size()
             if hf_name == "model.embed_tokens.weight":
                 main_dtype = str(t.dtype).replace("torch.", "")
+    return _finish(out_dir, tmp, weights, cfg, info, expected, weight_map, total_bytes,
+                   len(shards), main_dtype, tokenizer_dir, start)
+
+
+def _finish(out_dir, tmp, weights, cfg, info, expected, weight_map, total_bytes, shard_count,
+            main_dtype, tokenizer_dir, start) -> dict:
+    """Check the written tensors, write the index, config and tokenizer, publish ``out_dir``."""
+    expected = dict(expected)
+    expected.pop("lm_head.weight", None)
+    expected[SCORE_KEY] = (1, cfg.hidden_size)
     missing = sorted(set(expected) - set(weight_map))
     if missing:
         raise ConfigError(f"{weights}: checkpoint lacks {len(missing)} tensor(s): {missing[:20]}")
@@ -114,8 +131,9 @@ def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = 
         raise ConfigError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model found")
     copied = hf_export_files.copy_tokenizer(tok, tmp, cfg.model_type) if tok else []
     output_dir.finish(out_dir)
-    return {"tensors": len(weight_map), "bytes": total_bytes, "shards": len(shards),
-            "mtp": with_mtp, "tokenizer": copied, "seconds": time.time() - start}
+    mtp = any(n.startswith(f"model.layers.{cfg.num_hidden_layers}.") for n in weight_map)
+    return {"tensors": len(weight_map), "bytes": total_bytes, "shards": shard_count,
+            "mtp": mtp, "tokenizer": copied, "seconds": time.time() - start}
 
 
 def main(argv=None) -> int:

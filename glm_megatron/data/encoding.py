@@ -74,7 +74,19 @@ def _fit(ids: np.ndarray, mask: np.ndarray, opts: EncodeOptions, what: str):
     return ids, mask, True
 
 
+def check_assistant_turns(messages: list[dict], first: int = 0) -> None:
+    """An assistant turn with neither text nor tool calls (from ``first`` on) teaches only the
+    terminator: a DataValidationError naming the message (skipped and counted under
+    ``--skip-invalid``)."""
+    for i, m in enumerate(messages[first:], start=first):
+        if m["role"] == "assistant" and not (m.get("content") or "").strip() \
+                and not m.get("tool_calls"):
+            raise DataValidationError(f"message {i}: empty assistant turn (no content and no tool "
+                                      "calls)", reason="empty assistant turn")
+
+
 def encode_sft(tok: GLMTokenizer, conv: Conversation, opts: EncodeOptions):
+    check_assistant_turns(conv.messages)
     spans = render_spans(conv.messages, conv.tools, template=opts.template, add_eos=True)
     ids, mask, _ = encode_spans(tok, spans)
     ids, mask, truncated = _fit(ids, mask, opts, "conversation")
@@ -86,6 +98,7 @@ def encode_preference(tok: GLMTokenizer, ex: PreferenceExample, opts: EncodeOpti
     encoded = []
     n_prompt = len(ex.prompt)
     for k, resp in enumerate(ex.responses):
+        check_assistant_turns(ex.prompt + resp, first=n_prompt)
         spans = render_spans(ex.prompt + resp, ex.tools, template=opts.template, add_eos=True)
         ids, mask, turns = encode_spans(tok, spans)
         mask = mask * (turns >= n_prompt)  # supervise the response only

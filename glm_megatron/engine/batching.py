@@ -20,7 +20,8 @@ from ..data.errors import DataValidationError
 from .config import TrainConfigError, TrainingSection
 
 # What each trainer needs from tools/tokenize_data.py (the split's ``kind``), for the error text.
-KIND_USERS = {"sft": "SFT needs", "preference": "the reward model needs", "prompts": "PPO needs"}
+KIND_USERS = {"sft": "SFT needs", "preference": "the reward model and DPO need",
+              "prompts": "PPO needs"}
 
 
 @dataclass(frozen=True)

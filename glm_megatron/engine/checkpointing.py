@@ -8,12 +8,20 @@
                                      (initial weights of the next stage, input of the converter)
         model_config.json            the GLMConfig as an HF config dict (self-describing)
         optimizer/                   torch_dist of the optimizer's sharded state (any DP size)
-        rng/rank_00000.pt ...        per-rank RNG states (Python, NumPy, torch, Megatron tracker)
+        rng/rank_00000.safetensors   per-rank RNG states: torch / Megatron-tracker generator
+                                     states as tensors, Python / NumPy states as JSON metadata
+                                     (no pickle: a checkpoint from elsewhere cannot run code)
         trainer_state.json           step, epoch, data position, scheduler, best metric, config
         COMPLETE                     written by rank 0 after every rank finished (barrier)
 
 A directory without ``COMPLETE`` (a run killed while saving) is never picked by ``--resume auto``
-and is overwritten when the same step is saved again.
+and is overwritten when the same step is saved again. ``--resume auto`` also passes over a
+complete checkpoint whose ``trainer_state.json`` or torch_dist metadata is unreadable, truncated
+or refused, saying so, and resumes from the newest older one that is usable.
+
+Nothing here unpickles: trainer state is JSON, RNG states are safetensors + JSON
+(``engine.rng_state``), torch_dist directories are read through ``models.torch_dist_files``
+(allowlisted metadata, weights-only loads).
 
 Reading the layout (names, markers, which path leads to which weights) is
 ``models.checkpoint_dirs``, shared with the converters; the Megatron-Core distributed-optimizer
@@ -23,12 +31,10 @@ workarounds that saving and loading need are ``engine.megatron_workarounds``.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import random
 import shutil
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 from ..models import checkpoint_dirs
@@ -45,12 +51,17 @@ from ..models.checkpoint_dirs import (
 )
 from ..models.config import ConfigError, GLMConfig
 from ..models.lora_files import BASE_FILE, check_same_base, read_adapter_base
+from ..models.torch_dist_files import check_torch_dist, checked_read
 from .config import TrainConfigError
 from .megatron_workarounds import (
     load_optimizer_state,
     materialize_optimizer_state,
     optimizer_sharded_state_dict,
 )
+from .rng_state import RNG_DIR, read_rng_state, rng_file, rng_state, set_rng_state, write_rng_state
+
+log = logging.getLogger(__name__)
+TRAINER_STATE = "trainer_state.json"
 
 # ---------------------------------------------------------------------------------------------
 # Layout: the directory names and markers live in models.checkpoint_dirs (the converters read
@@ -75,49 +86,107 @@ def checkpoint_model_config(model_dir: str, key: str, missing_hint: str) -> GLMC
         raise TrainConfigError(str(err)) from None
 
 
+# GLMConfig fields that are not architecture (token ids, position limit, init scale).
+_NOT_ARCHITECTURE = {"eos_token_id", "pad_token_id", "bos_token_id", "max_position_embeddings",
+                     "initializer_range"}
+
+
+def check_architecture_matches(m) -> None:
+    """Before any work: a ``model.preset`` / ``model.hf_config`` / ``model.hf_checkpoint`` given beside
+    ``model.load_checkpoint`` must describe the checkpoint's architecture (its
+    ``model_config.json``); a mismatch is one TrainConfigError naming every differing field with
+    both values (the weights would otherwise fail to load deep inside Megatron, once per rank, or
+    load into a model that computes something else)."""
+    declared_key = next((k for k in ("preset", "hf_config", "hf_checkpoint") if getattr(m, k)), None)
+    if not m.load_checkpoint or declared_key is None:
+        return
+    value = getattr(m, declared_key)
+    declared_key = f"model.{declared_key}"
+    model_dir = resolve_model_dir(m.load_checkpoint)
+    if checkpoint_dirs.model_config_file(model_dir) is None:
+        return  # nothing to compare with: the preset is the only description
+    saved = checkpoint_model_config(model_dir, "model.load_checkpoint", "")
+    try:
+        from ..models import get_preset, load_hf_config
+
+        declared = get_preset(value) if declared_key == "model.preset" else load_hf_config(value)
+    except ConfigError as err:
+        raise TrainConfigError(f"{declared_key}: {err}") from None
+    diffs = [f"{f}: {declared_key} {getattr(declared, f)!r} vs checkpoint {getattr(saved, f)!r}"
+             for f in GLMConfig.__dataclass_fields__
+             if f not in _NOT_ARCHITECTURE and getattr(declared, f) != getattr(saved, f)]
+    if diffs:
+        raise TrainConfigError(
+            f"{declared_key} {value!r} does not match the architecture of model.load_checkpoint "
+            f"{model_dir} (its {checkpoint_dirs.MODEL_CONFIG_FILE}): " + "; ".join(diffs)
+            + f". Remove {declared_key} to use the checkpoint's own architecture, or load a "
+            "checkpoint of that architecture")
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
+
+
+def _torch_dist_dirs(path: str) -> list[str]:
+    """The torch_dist directories of checkpoint ``path``: its model/ and optimizer/, and those of
+    the extra engines saved beside it (``iter_x/NAME/{model,optimizer}``)."""
+    found = [os.path.join(path, "model"), os.path.join(path, "optimizer")]
+    for name in sorted(os.listdir(path)):
+        found += [os.path.join(path, name, sub) for sub in ("model", "optimizer")
+                  if os.path.isdir(os.path.join(path, name, sub))]
+    return found
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the complete checkpoint ``path`` cannot be resumed from (its trainer state or a
+    torch_dist directory unreadable, truncated or refused), or None. Reads metadata only."""
+    try:
+        read_trainer_state(path)
+        for directory in _torch_dist_dirs(path):
+            check_torch_dist(directory)
+    except (TrainConfigError, ConfigError) as err:
+        return str(err)
+    return None
+
+
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """The iter dir to resume from: ``auto`` -> latest complete in ``output_dir`` (None when
-    there is none: a fresh start), or an explicit iter dir / run dir."""
+    """The iter dir to resume from: ``auto`` -> the latest usable complete checkpoint in
+    ``output_dir`` (None when there is none: a fresh start, said in one line), or an explicit iter
+    dir / run dir (an unusable one is an error naming the file)."""
     if not resume:
         return None
     if resume == "auto":
-        return latest_checkpoint(output_dir)
+        candidates = [p for _, p in reversed(list_checkpoints(output_dir))]
+        latest = latest_checkpoint(output_dir)
+        if latest in candidates:  # the one ``latest`` names first (it is normally the newest)
+            candidates.remove(latest)
+            candidates.insert(0, latest)
+        skipped = []
+        for path in candidates:
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if skipped and _is_main_process():
+                    log.warning("--resume auto: resuming from %s, the newest usable checkpoint; "
+                                "passed over: %s", path, "; ".join(skipped))
+                return path
+            skipped.append(f"{os.path.basename(path)} ({problem})")
+        if skipped:
+            raise TrainConfigError(f"checkpoint.resume=auto: no usable checkpoint in {output_dir}: "
+                                   + "; ".join(skipped))
+        if _is_main_process():
+            log.warning("--resume auto: no complete checkpoint in %s: starting a fresh run",
+                        os.path.abspath(output_dir))
+        return None
     resume = follow_marker(resume)
-    if is_complete(resume):
-        return resume
-    latest = latest_checkpoint(resume) if os.path.isdir(resume) else None
-    if latest is None:
-        raise TrainConfigError(f"checkpoint.resume: {resume} is not a complete checkpoint")
-    return latest
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG
-
-
-def rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if not is_complete(resume):
+        latest = latest_checkpoint(resume) if os.path.isdir(resume) else None
+        if latest is None:
+            raise TrainConfigError(f"checkpoint.resume: {resume} is not a complete checkpoint")
+        resume = latest
+    problem = checkpoint_problem(resume)
+    if problem is not None:
+        raise TrainConfigError(f"checkpoint.resume: {problem}")
+    return resume
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +229,10 @@ def _load_engine(engine, path: str, scheduler_state: dict) -> None:
             raise TrainConfigError(str(err)) from None
     load_model_weights(engine.modules, os.path.join(path, "model"), adapters_only=base is not None)
     materialize_optimizer_state(engine.optimizer)
-    opt_state = dist_checkpointing.load(
-        optimizer_sharded_state_dict(engine.optimizer, engine.modules, True),
-        os.path.join(path, "optimizer"))
+    with checked_read(os.path.join(path, "optimizer")):
+        opt_state = dist_checkpointing.load(
+            optimizer_sharded_state_dict(engine.optimizer, engine.modules, True),
+            os.path.join(path, "optimizer"))
     load_optimizer_state(engine.optimizer, opt_state)
     # load_state_dict *adds* the saved count to the current one (see lr_schedule).
     engine.scheduler.num_steps = 0
@@ -181,7 +251,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, trainer_state: dict,
         if os.path.exists(path):  # an incomplete leftover (or a re-save of the same step)
             shutil.rmtree(path)
         os.makedirs(os.path.join(path, "optimizer"))
-        os.makedirs(os.path.join(path, "rng"))
+        os.makedirs(os.path.join(path, RNG_DIR))
     dist.barrier()
     _save_engine(engine, path)
     for name, extra in (extra_engines or {}).items():
@@ -189,13 +259,13 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, trainer_state: dict,
             os.makedirs(os.path.join(path, name, "optimizer"))
         dist.barrier()
         _save_engine(extra, os.path.join(path, name))
-    torch.save(rng_state(), os.path.join(path, "rng", f"rank_{rank:05d}.pt"))
+    write_rng_state(rng_file(path, rank), rng_state())
     if rank == 0:
         state = dict(trainer_state, scheduler=engine.scheduler.state_dict(),
                      world_size=dist.get_world_size())
         state["extra_schedulers"] = {n: e.scheduler.state_dict()
                                      for n, e in (extra_engines or {}).items()}
-        _write_json_atomic(os.path.join(path, "trainer_state.json"), state)
+        _write_json_atomic(os.path.join(path, TRAINER_STATE), state)
         _write_json_atomic(os.path.join(path, "model_config.json"), model_config)
     dist.barrier()  # every rank has written its shards
     if rank == 0:
@@ -206,8 +276,21 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, trainer_state: dict,
 
 
 def read_trainer_state(path: str) -> dict:
-    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as fh:
-        return json.load(fh)
+    """``path/trainer_state.json``; TrainConfigError naming the file when it is missing,
+    truncated or lacks the step / scheduler state."""
+    file = os.path.join(path, TRAINER_STATE)
+    try:
+        with open(file, encoding="utf-8") as fh:
+            state = json.load(fh)
+    except FileNotFoundError:
+        raise TrainConfigError(f"{file}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TrainConfigError(f"{file}: unreadable, truncated or corrupt ({err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+            or not isinstance(state.get("scheduler"), dict):
+        raise TrainConfigError(f"{file}: not a trainer state (no integer 'step' and "
+                               "'scheduler' state)")
+    return state
 
 
 def load_checkpoint(engine, path: str, extra_engines: dict | None = None) -> dict:
@@ -220,9 +303,11 @@ def load_checkpoint(engine, path: str, extra_engines: dict | None = None) -> dic
         if saved is None or not os.path.isdir(os.path.join(path, name)):
             raise TrainConfigError(f"checkpoint.resume: {path} has no {name!r} model state")
         _load_engine(extra, os.path.join(path, name), saved)
-    rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.pt")
-    if state.get("world_size") == dist.get_world_size() and os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    if state.get("world_size") == dist.get_world_size():
+        for file in (rng_file(path, dist.get_rank()), rng_file(path, dist.get_rank(), legacy=True)):
+            if os.path.isfile(file):
+                set_rng_state(read_rng_state(file))
+                break
     return state
 
 

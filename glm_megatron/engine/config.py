@@ -47,6 +47,8 @@ class LoraKeys:
     lora_target_modules: list[str] | str | None = None  # HF names or "all-linear"; None: q, k, v
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
     lora_adapter: str | None = None  # a PEFT adapter directory to start from (continue training)
+    # HF modules trained fully beside the adapters (peft's modules_to_save): [embed_tokens, lm_head]
+    lora_modules_to_save: list[str] | None = None
 
 
 @dataclass
@@ -125,6 +127,9 @@ class CheckpointSection:
     save_total_limit: int | None = None  # older checkpoints are deleted, the best one is kept
     save_final: bool = True
     resume: str | None = None  # "auto" (latest complete checkpoint in output_dir) or a path
+    # A fresh run into an output_dir holding checkpoints deletes them (--overwrite) instead of
+    # being refused (engine/run_dir.py).
+    overwrite: bool = False
 
 
 @dataclass
@@ -332,7 +337,13 @@ def validate_lora_keys(m: LoraKeys, section: str = "model") -> None:
     """The LoRA keys' own ranges (targets are checked against the model in model_setup)."""
     if not m.use_peft:
         require(m.lora_adapter is None, f"{section}.lora_adapter needs {section}.use_peft: true")
+        require(not m.lora_modules_to_save,
+                f"{section}.lora_modules_to_save needs {section}.use_peft: true")
         return
+    # PPO's reference is the policy with its adapters off: fully trained modules would leak in.
+    require(not (section == "rlhf" and m.lora_modules_to_save),
+            "rlhf.lora_modules_to_save: the reference of a LoRA PPO run is the policy with its "
+            "adapters off, which would keep the trained modules; leave it empty")
     require(m.lora_r >= 1, f"{section}.lora_r must be >= 1")
     require(m.lora_alpha > 0, f"{section}.lora_alpha must be > 0")
     require(0 <= m.lora_dropout < 1, f"{section}.lora_dropout must be in [0, 1)")

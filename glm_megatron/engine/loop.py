@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch.distributed as dist
 
 from . import checkpointing as ckpt
+from . import run_dir
 from .batching import BatchPlan, StepPlanner
 from .config import greater_is_better, save_interval
 from .engine import Engine, sum_reports
@@ -171,8 +172,15 @@ class BatchedTask(TrainTask):
             "tokens_per_sec": batch.real_tokens / max(elapsed, 1e-9),
             "real_token_fraction": batch.real_tokens / max(batch.total_tokens, 1),
         }
-        return StepResult(loss, scalars, {"loss": loss, "lr": out["lr"], "grad_norm": out["grad_norm"]},
-                          {"loss": loss, "lr": out["lr"]})
+        extra = self.step_metrics(out["reports"])
+        scalars.update(extra)
+        return StepResult(loss, scalars, {"loss": loss, "lr": out["lr"], "grad_norm": out["grad_norm"],
+                                          **extra}, {"loss": loss, "lr": out["lr"]})
+
+    def step_metrics(self, reports: list) -> dict:
+        """The step's metrics beside the loss, from the loss reports (DPO's rewards/*): logged to
+        TensorBoard (train/NAME) and the step's JSON row. Collective (sum_reports)."""
+        return {}
 
     def step_line(self, step: int, total: int, epoch: float, result: StepResult) -> str:
         metrics = dict(result.scalars, tokens_per_sec=self.window_tokens / max(self.window_time, 1e-9))
@@ -207,6 +215,10 @@ def run_loop(cfg, engine: Engine, task: TrainTask, schedule: LoopSchedule, model
                     f"step {state.step_in_epoch} of the epoch)")
     if is_main:
         os.makedirs(out_dir, exist_ok=True)
+        # Rows after the start step (logged by a run killed before its next checkpoint, or by
+        # an earlier run in this directory) would otherwise appear twice.
+        for file, dropped in run_dir.cut_step_logs(out_dir, state.step).items():
+            logger.line(f"{os.path.basename(file)}: dropped {dropped} row(s) after step {state.step}")
     task.on_start(logger)
     preempt = PreemptionFlag().install()
     history, eval_history = [], []
@@ -257,8 +269,7 @@ def run_loop(cfg, engine: Engine, task: TrainTask, schedule: LoopSchedule, model
             epoch = state.epoch + state.step_in_epoch / task.steps_per_epoch
             history.append((state.step, result.history))
             if is_main:
-                # Appended across resumes: a step logged twice (killed after logging, before
-                # the next checkpoint) appears twice; the last entry is the one that counts.
+                # Appended across resumes; rows after the resumed step were cut at the start.
                 with open(os.path.join(out_dir, s.log_file), "a", encoding="utf-8") as fh:
                     fh.write(json.dumps({"step": state.step, **result.log_row}) + "\n")
             logger.scalars(state.step, dict(result.scalars, epoch=epoch), "train")

@@ -12,13 +12,15 @@ PEFT directory, when given).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
 from ..models import get_preset, load_hf_config
 from ..models.config import ConfigError, GLMConfig
 from ..models.loading import build_glm_model, load_hf_into_model
-from ..models.lora import LoraSettings, resolve_targets
+from ..models.lora import LoraSettings, check_expert_layout, resolve_targets
+from ..models.lora_saved_modules import SAVED_MODULE_ATTR, resolve_modules_to_save
 from .checkpointing import checkpoint_model_config, resolve_model_dir
 from .config import LoraKeys, ModelSection, TrainConfigError, TrainingSection
 from .optimizer import freeze_parameters
@@ -45,31 +47,40 @@ def resolve_glm_config(m: ModelSection) -> GLMConfig:
                            "or model.load_checkpoint")
 
 
-def lora_settings(m: LoraKeys, glm: GLMConfig, section: str = "model") -> LoraSettings | None:
+def lora_settings(m: LoraKeys, glm: GLMConfig, section: str = "model",
+                  layout=None) -> LoraSettings | None:
     """The adapters ``m`` asks for (None without ``use_peft``); raises naming the key.
+    ``layout`` (the ``parallel:`` section): also check that it allows the targets.
 
-    With ``lora_adapter`` the adapter's own adapter_config.json decides r, alpha and the
-    targets; targets in the YAML that disagree with it are refused, naming both.
+    With ``lora_adapter`` the adapter's own files decide r, alpha, the targets and the modules
+    to save; targets or modules in the YAML that disagree with them are refused, naming both.
     """
     if not m.use_peft:
         return None
     requested = m.lora_target_modules or ["q_proj", "k_proj", "v_proj"]
     key = f"{section}.lora_target_modules"
     try:
+        targets = resolve_targets(glm, requested, key)
+        saved_modules = resolve_modules_to_save(glm, m.lora_modules_to_save, targets,
+                                                f"{section}.lora_modules_to_save")
         settings = LoraSettings(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                                targets=resolve_targets(glm, requested, key), rslora=m.use_rslora)
+                                targets=targets, rslora=m.use_rslora,
+                                modules_to_save=saved_modules)
         if m.lora_adapter:
             from ..models.lora_files import read_peft_adapter
 
-            saved, _, _ = read_peft_adapter(m.lora_adapter)
-            saved = LoraSettings(r=saved.r, alpha=saved.alpha, dropout=m.lora_dropout,
-                                 targets=resolve_targets(glm, saved.targets,
-                                                         key=f"{m.lora_adapter} target_modules"),
-                                 rslora=saved.rslora)
+            saved, _, _ = read_peft_adapter(m.lora_adapter, glm)
+            saved = replace(saved, dropout=m.lora_dropout)
             if m.lora_target_modules is not None and set(saved.targets) != set(settings.targets):
                 raise ConfigError(f"{key} {list(settings.targets)} differs from "
                                   f"{section}.lora_adapter's {list(saved.targets)}")
-            return saved
+            if m.lora_modules_to_save is not None and \
+                    set(saved.modules_to_save) != set(settings.modules_to_save):
+                raise ConfigError(f"{section}.lora_modules_to_save {list(saved_modules)} differs "
+                                  f"from {section}.lora_adapter's {list(saved.modules_to_save)}")
+            settings = saved
+        if layout is not None:
+            check_expert_layout(glm, settings.targets, layout.etp, layout.tp)
     except ConfigError as err:
         raise TrainConfigError(str(err)) from None
     return settings
@@ -129,16 +140,20 @@ def build_trained_model(glm: GLMConfig, m: ModelSection, t: TrainingSection, lay
 
 def add_adapters(chunks, glm: GLMConfig, m: LoraKeys, lora: LoraSettings, seed: int,
                  section: str = "model") -> None:
-    """LoRA adapters on ``chunks`` (everything else frozen), from ``lora_adapter`` if given."""
+    """LoRA adapters on ``chunks`` (everything else frozen but ``lora.modules_to_save``), from
+    ``lora_adapter`` if given."""
     from ..models.lora import attach_lora, load_peft_adapter
 
-    count = attach_lora(chunks, glm, lora, seed=seed)
+    try:
+        count = attach_lora(chunks, glm, lora, seed=seed)
+    except ConfigError as err:  # the layout or the experts' kind does not allow the targets
+        raise TrainConfigError(str(err)) from None
     if m.lora_adapter:
         import torch.distributed as dist
 
         from ..models.lora_files import read_peft_adapter
 
-        _, tensors, _ = read_peft_adapter(m.lora_adapter)
+        _, tensors, _ = read_peft_adapter(m.lora_adapter, glm)
         try:
             used = load_peft_adapter(chunks, glm, tensors, m.lora_adapter)
         except ConfigError as err:
@@ -150,8 +165,12 @@ def add_adapters(chunks, glm: GLMConfig, m: LoraKeys, lora: LoraSettings, seed: 
         if unused:
             raise TrainConfigError(f"{section}.lora_adapter: {len(unused)} tensor(s) of "
                                    f"{m.lora_adapter} fit no adapter of this model: {unused[:5]}")
-    log.info("LoRA r=%d alpha=%g on %s: %d adapter parameters on this rank", lora.r, lora.alpha,
-             ", ".join(lora.targets), count)
+    saved = sum(p.numel() for c in chunks for p in c.parameters()
+                if p.requires_grad and getattr(p, SAVED_MODULE_ATTR, False))
+    log.info("LoRA r=%d alpha=%g on %s: %d adapter parameters on this rank%s", lora.r, lora.alpha,
+             ", ".join(lora.targets), count,
+             f"; modules trained fully ({', '.join(lora.modules_to_save)}): {saved}"
+             if lora.modules_to_save else "")
 
 
 def _check_every_rank_trains(chunks, m: ModelSection) -> None:

@@ -44,8 +44,8 @@ def _checked_layout(layout, world_size: int, glm, training: bool, what: str):
 def model_layout_plan(cfg, world_size: int):
     """(GLM config, validated training layout, batch plan) of a trainer config."""
     glm = resolve_glm_config(cfg.model)
-    lora_settings(cfg.model, glm)  # bad LoRA targets or adapter files fail before any work
     layout = _checked_layout(cfg.parallel, world_size, glm, True, "parallel")
+    lora_settings(cfg.model, glm, layout=layout)  # bad LoRA targets, files, layout: before any work
     return glm, layout, resolve_batch(cfg.training, layout.data_parallel_size(world_size))
 
 

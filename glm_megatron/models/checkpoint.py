@@ -13,6 +13,7 @@ import torch
 
 from .config import ConfigError
 from .lora_names import is_adapter_param
+from .torch_dist_files import checked_read, read_metadata
 
 
 def is_dist_checkpoint(path: str) -> bool:
@@ -64,7 +65,10 @@ def load_model_weights(chunks: list[torch.nn.Module], path: str, adapters_only: 
 
     if not is_dist_checkpoint(path):
         raise ConfigError(f"{path}: not a torch_dist checkpoint (no metadata.json)")
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks, adapters_only), path)
+    sharded = model_sharded_state_dict(chunks, adapters_only)
+    with checked_read(path):
+        check_shapes(sharded, read_metadata(path), path)
+        state = dist_checkpointing.load(sharded, path)
     for chunk in chunks:
         missing, _ = chunk.load_state_dict(state, strict=False)
         wanted = state.keys() if adapters_only else None
@@ -72,3 +76,38 @@ def load_model_weights(chunks: list[torch.nn.Module], path: str, adapters_only: 
                    and (wanted is None or k in wanted)]
         if missing:
             raise ConfigError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+def _sharded_tensors(tree):
+    """The ShardedTensors of a (nested) sharded state dict."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(tree, ShardedTensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _sharded_tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _sharded_tensors(value)
+
+
+def check_shapes(sharded: dict, metadata, path: str) -> None:
+    """Before a load: every tensor the model asks for exists in the checkpoint with the model's
+    global shape (a checkpoint of another architecture otherwise fails deep inside
+    dist_checkpointing, once per rank). Raises ConfigError naming the tensors and both shapes."""
+    saved = metadata.state_dict_metadata
+    missing, differ = [], []
+    for sh in _sharded_tensors(sharded):
+        meta = saved.get(sh.key)
+        if meta is None:
+            missing.append(sh.key)
+        elif not sh.allow_shape_mismatch and hasattr(meta, "size") \
+                and tuple(meta.size) != tuple(sh.global_shape):
+            differ.append(f"{sh.key}: checkpoint {tuple(meta.size)} vs model {tuple(sh.global_shape)}")
+    if differ:
+        raise ConfigError(f"{path}: the checkpoint does not fit the model being built "
+                          f"({len(differ)} tensor shape(s) differ: {'; '.join(differ[:4])}); is the "
+                          "model config (preset) the checkpoint's architecture?")
+    if missing:
+        raise ConfigError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")

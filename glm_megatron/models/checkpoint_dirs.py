@@ -97,6 +97,11 @@ def resolve_model_dir(path: str, key: str = "model.load_checkpoint") -> str:
         raise CheckpointError(f"{key}: {path}: an interrupted conversion's leftovers, not a checkpoint")
     if is_dist_checkpoint(path):
         weights = path
+        # iter_x/model (or iter_x/NAME/model, an extra engine's): the iter dir must be complete.
+        for parent in _iter_parents(path):
+            if not is_complete(parent):
+                raise CheckpointError(f"{key}: {path}: inside checkpoint {parent}, which is "
+                                      "incomplete (no COMPLETE marker: its save was interrupted)")
     elif is_dist_checkpoint(os.path.join(path, "model")):
         if ITER_RE.match(os.path.basename(os.path.normpath(path))) and not is_complete(path):
             raise CheckpointError(f"{key}: {path}: checkpoint is incomplete (no COMPLETE marker)")
@@ -112,6 +117,16 @@ def resolve_model_dir(path: str, key: str = "model.load_checkpoint") -> str:
     if not os.path.exists(os.path.join(weights, ".metadata")):
         raise CheckpointError(f"{key}: {weights}: torch_dist checkpoint is incomplete (no .metadata file)")
     return weights
+
+
+def _iter_parents(path: str) -> list[str]:
+    """The ``iter_*`` directories among the two levels above ``path``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    found = []
+    for candidate in (parent, os.path.dirname(parent)):
+        if ITER_RE.match(os.path.basename(candidate)):
+            found.append(candidate)
+    return found
 
 
 def model_config_file(model_dir: str) -> str | None:

@@ -25,6 +25,7 @@ class HFCheckpointReader:
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         single = os.path.join(hf_dir, "model.safetensors")
         self.files: dict[str, str] = {}
+        self._open: dict[str, object] = {}
         if os.path.exists(index):
             try:
                 with open(index, encoding="utf-8") as fh:
@@ -36,6 +37,7 @@ class HFCheckpointReader:
             missing = sorted({f for f in self.files.values() if not os.path.exists(f)})
             if missing:
                 raise ConfigError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+            self._check_index(index)
         elif os.path.exists(single):
             try:
                 with safe_open(single, "pt") as fh:
@@ -46,7 +48,19 @@ class HFCheckpointReader:
             raise ConfigError(
                 f"{hf_dir}: no model.safetensors or model.safetensors.index.json found"
             )
-        self._open: dict[str, object] = {}
+
+    def _check_index(self, index: str) -> None:
+        """Every tensor the index lists is in the shard it names (only the headers are read)."""
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.files.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in sorted(by_file.items()):
+            present = set(self._handle_of(file).keys())
+            absent = sorted(n for n in names if n not in present)
+            if absent:
+                raise ConfigError(f"{index}: {len(absent)} tensor(s) listed for "
+                                  f"{os.path.basename(file)} are not in that file: "
+                                  f"{', '.join(absent[:5])}")
 
     def names(self) -> list[str]:
         return sorted(self.files)
@@ -59,6 +73,9 @@ class HFCheckpointReader:
             file = self.files[name]
         except KeyError:
             raise ConfigError(f"{self.hf_dir}: checkpoint has no tensor {name!r}") from None
+        return self._handle_of(file)
+
+    def _handle_of(self, file: str):
         handle = self._open.get(file)
         if handle is None:
             try:

@@ -9,19 +9,34 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
+from .config import ConfigError, GLMConfig
 from .lora import LoraSettings
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def read_peft_adapter(path: str) -> tuple[LoraSettings, dict[str, torch.Tensor], dict]:
-    """(settings, tensors, the raw adapter_config) of a PEFT LoRA directory; errors name the file."""
+def read_peft_adapter(path: str, cfg: GLMConfig) -> tuple[LoraSettings, dict[str, torch.Tensor], dict]:
+    """(settings, tensors, the raw adapter_config) of a PEFT LoRA directory for ``cfg``'s model;
+    errors name the file.
+
+    The tensors come back in our per-module names (routed experts one module per expert:
+    models/lora_experts.py converts peft's fused and transformers-4 layouts), the settings'
+    targets are those the tensors stand for, ``modules_to_save`` are checked against the model.
+    """
+    from .lora import adapter_targets, resolve_targets
+    from .lora_experts import (
+        check_target_parameters,
+        expert_rank_settings,
+        from_peft_layout,
+    )
+    from .lora_saved_modules import resolve_modules_to_save
+
     config_file, weights_file = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     for f in (config_file, weights_file):
         if not os.path.isfile(f):
@@ -33,41 +48,52 @@ def read_peft_adapter(path: str) -> tuple[LoraSettings, dict[str, torch.Tensor],
         raise ConfigError(f"{config_file}: not valid JSON ({err})") from None
     if config.get("peft_type") != "LORA":
         raise ConfigError(f"{config_file}: peft_type {config.get('peft_type')!r} is not LORA")
-    unsupported = [k for k in ("use_dora", "target_parameters", "modules_to_save",
-                               "rank_pattern", "alpha_pattern", "layers_to_transform")
+    unsupported = [k for k in ("use_dora", "layers_to_transform", "trainable_token_indices")
                    if config.get(k)]
     if unsupported or config.get("bias", "none") != "none":
         raise ConfigError(f"{config_file}: {', '.join(unsupported) or 'bias'} is not supported")
+    check_target_parameters(config, config_file)
     targets = config.get("target_modules")
-    if isinstance(targets, str) or not targets:
+    if isinstance(targets, str) or not (targets or config.get("target_parameters")):
         raise ConfigError(f"{config_file}: target_modules must be a list of module names, got "
                           f"{targets!r}")
     try:
         settings = LoraSettings(r=int(config["r"]), alpha=float(config["lora_alpha"]),
                                 dropout=float(config.get("lora_dropout", 0.0)),
-                                targets=tuple(targets),
                                 rslora=bool(config.get("use_rslora", False)))
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"{config_file}: bad or missing key ({err})") from None
+    settings = expert_rank_settings(config, settings, config_file)
     try:
         tensors = load_file(weights_file)
     except Exception as err:  # safetensors raises its own error types for bad headers
         raise ConfigError(f"{weights_file}: not a readable safetensors file ({err})") from None
-    return settings, tensors, config
+    tensors = from_peft_layout(tensors, config, settings, weights_file)
+    found = adapter_targets(cfg, tensors)
+    settings = replace(settings, targets=resolve_targets(cfg, found or ["nothing"],
+                                                         key=f"{weights_file} adapters"))
+    saved = resolve_modules_to_save(cfg, config.get("modules_to_save") or (), settings.targets,
+                                    key=f"{config_file} modules_to_save")
+    return replace(settings, modules_to_save=saved), tensors, config
 
 
 def write_peft_adapter(path: str, settings: LoraSettings, tensors: dict[str, torch.Tensor],
-                       base_model: str | None, base_class: str) -> None:
-    """Write ``tensors`` (PEFT names, full tensors) and the config peft reads."""
+                       base_model: str | None, base_class: str, is_moe: bool = False) -> None:
+    """Write ``tensors`` (PEFT names, full tensors, in peft's layout: see models/lora_experts.py)
+    and the config peft reads."""
+    from .lora_experts import peft_config_fields
+
     os.makedirs(path, exist_ok=True)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.r,
         "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
-        "target_modules": list(settings.targets), "use_rslora": settings.rslora,
+        "use_rslora": settings.rslora,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
-        "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": base_model,
+        "inference_mode": True, "modules_to_save": list(settings.modules_to_save) or None,
+        "base_model_name_or_path": base_model,
         "auto_mapping": {"base_model_class": base_class, "parent_library": "transformers"},
     }
+    config.update(peft_config_fields(settings, is_moe))
     with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_FILE),
@@ -101,7 +127,10 @@ def adapter_base_record(base: str, settings: LoraSettings, model_type: str) -> d
     return {"base": os.path.abspath(base), "fingerprint": base_fingerprint(base),
             "model_type": model_type,
             "lora": {"r": settings.r, "alpha": settings.alpha, "dropout": settings.dropout,
-                     "targets": list(settings.targets), "rslora": settings.rslora}}
+                     "targets": list(settings.targets), "rslora": settings.rslora,
+                     "modules_to_save": list(settings.modules_to_save),
+                     "expert_gate_up_r": settings.expert_gate_up_r,
+                     "expert_gate_up_alpha": settings.expert_gate_up_alpha}}
 
 
 def is_adapter_checkpoint(weights_dir: str) -> bool:

@@ -98,8 +98,9 @@ def summarize(cfg: GLMConfig, layout: ParallelLayout, *, world_size: int = 0,
                 model = build_gpt_model(cfg, tconfig)
             summary = _count_stage(stage, model, layout, result, dp, expert_dp)
             if lora is not None:
-                # The distributed optimizer shards non-expert parameters over DP x CP.
-                _count_adapters(summary, model, cfg, lora, layout, result, dp * layout.cp)
+                # The distributed optimizer shards non-expert parameters over DP x CP, expert
+                # ones over expert DP.
+                _count_adapters(summary, model, cfg, lora, layout, result, dp * layout.cp, expert_dp)
             result.stages.append(summary)
         finally:
             ps.destroy_model_parallel()
@@ -143,20 +144,29 @@ def _count_stage(stage, model, layout, result, dp, expert_dp) -> StageSummary:
     return s
 
 
-def _count_adapters(s: StageSummary, model, cfg, lora, layout, result, dp_cp) -> None:
+def _count_adapters(s: StageSummary, model, cfg, lora, layout, result, dp_cp, expert_dp) -> None:
     """Attach the adapters to this stage's meta model as the trainers do and count them."""
     with torch.device("meta"):  # A's random init and B's zeros: no memory
         created = attach_lora([model], cfg, lora)
     adapters = [(n, p) for n, p in model.named_parameters() if is_adapter_param(n)]
     assert sum(p.numel() for _, p in adapters) == created, "adapters not found by name"
+    optimizer = 0.0
     for _, p in adapters:
-        # Column adapters' B and row adapters' A are split over TP, the rest replicated.
-        pieces = layout.tp if getattr(p, "tensor_model_parallel", False) else 1
+        split = getattr(p, "tensor_model_parallel", False)
+        if getattr(p, "allreduce", True) is False:
+            # A routed expert's: its expert lives on one EP rank; split over expert TP when
+            # marked so with expert TP > 1. The distributed optimizer shards it over expert DP.
+            pieces = layout.ep * (layout.etp if split and layout.etp > 1 else 1)
+            optimizer += p.numel() * OPTIMIZER_BYTES / expert_dp
+        else:
+            # Column adapters' B and row adapters' A are split over TP, the rest replicated.
+            pieces = layout.tp if split else 1
+            optimizer += p.numel() * OPTIMIZER_BYTES / dp_cp
         result.adapter_params += p.numel() * pieces
     s.adapter_params = created
     s.frozen_bytes = s.params * FROZEN_BYTES
     s.adapter_weight_grad_bytes = created * WEIGHT_GRAD_BYTES
-    s.adapter_optimizer_bytes = round(created * OPTIMIZER_BYTES / dp_cp)
+    s.adapter_optimizer_bytes = round(optimizer)
 
 
 def format_summary(summary: ModelSummary, name: str) -> str:

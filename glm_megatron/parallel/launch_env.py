@@ -101,3 +101,15 @@ def read_launch_env(env=None) -> LaunchEnv:
     if local_rank < 0:
         raise LaunchEnvError(f"local rank {local_rank} is negative")
     return LaunchEnv(rank, world, local_rank, addr, port, launcher)
+
+
+# What a collective raises on a rank whose peer has died (gloo's TCP pairs, NCCL's watchdog):
+# such a rank is a victim; the error that ended the job is the dead peer's.
+_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                 "remote process exited", "NCCL communicator was aborted")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` says that another rank of the job went away (not this rank's own fault)."""
+    text = str(err)
+    return any(marker in text for marker in _PEER_FAILURE)

@@ -200,9 +200,11 @@ def read_all_tensors(hf_dir: str) -> dict:
 
 
 def make_random_peft_adapter(hf_dir: str, out_dir: str, targets, *, r: int = 4,
-                             alpha: float = 8.0, seed: int = 0, use_rslora: bool = False) -> str:
+                             alpha: float = 8.0, seed: int = 0, use_rslora: bool = False,
+                             target_parameters=None, modules_to_save=None) -> str:
     """A PEFT LoRA adapter for the model in ``hf_dir`` with A and B both random (PEFT starts B at
-    zero, which would hide every B-path error), saved by peft itself."""
+    zero, which would hide every B-path error), saved by peft itself. ``modules_to_save`` get
+    random changes too, so a loader that skipped them would be caught."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -211,6 +213,7 @@ def make_random_peft_adapter(hf_dir: str, out_dir: str, targets, *, r: int = 4,
         AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
         LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
                    target_modules=targets if isinstance(targets, str) else list(targets),
+                   target_parameters=target_parameters, modules_to_save=modules_to_save,
                    init_lora_weights=False, use_rslora=use_rslora),
     )
     gen = torch.Generator().manual_seed(seed + 1)
@@ -218,5 +221,47 @@ def make_random_peft_adapter(hf_dir: str, out_dir: str, targets, *, r: int = 4,
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif "modules_to_save" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
     model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_random_v4_expert_adapter(hf_dir: str, out_dir: str, *, r: int = 4, alpha: float = 8.0,
+                                  seed: int = 0, use_rslora: bool = False) -> str:
+    """A transformers-4-era PEFT adapter of a glm4_moe model: attention and one module per
+    routed expert (``…mlp.experts.E.gate_proj``, ``up_proj``, ``down_proj``), random A and B.
+    peft cannot create this layout on transformers 5; it converts it on load."""
+    from safetensors.torch import save_file
+
+    with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    h, i = cfg["hidden_size"], cfg["moe_intermediate_size"]
+    hd, heads, kv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+
+    def add(module, fan_in, fan_out):
+        tensors[f"base_model.model.{module}.lora_A.weight"] = 0.2 * torch.randn(r, fan_in, generator=gen)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = 0.1 * torch.randn(fan_out, r, generator=gen)
+
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        for proj, fan_in, fan_out in (("q", h, heads * hd), ("k", h, kv * hd), ("v", h, kv * hd),
+                                      ("o", heads * hd, h)):
+            add(f"{p}self_attn.{proj}_proj", fan_in, fan_out)
+        if layer < cfg["first_k_dense_replace"]:
+            continue
+        for e in range(cfg["n_routed_experts"]):
+            add(f"{p}mlp.experts.{e}.gate_proj", h, i)
+            add(f"{p}mlp.experts.{e}.up_proj", h, i)
+            add(f"{p}mlp.experts.{e}.down_proj", i, h)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "adapter_config.json"), "w", encoding="utf-8") as fh:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+                   "lora_dropout": 0.0, "bias": "none", "use_rslora": use_rslora,
+                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj"],
+                   "base_model_name_or_path": hf_dir}, fh)
     return out_dir

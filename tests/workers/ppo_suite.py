@@ -203,6 +203,26 @@ def scenario_lora(inputs: dict, out: str, steps: int) -> dict:
             "base_record": os.path.isfile(os.path.join(saved, "adapter_base.json"))}
 
 
+def scenario_from_lora(inputs: dict, out: str, steps: int) -> dict:
+    """PPO started from the LoRA scenario's checkpoint (adapters only): the policy and the
+    reference load as its base with those adapters folded in, and get fresh adapters. The
+    prompts are the raw JSONL files (the guide's form), rendered at start."""
+    from glm_megatron.algorithms.ppo.train import run_ppo
+
+    run_dir = os.path.join(out, "from_lora")
+    lines = []
+    cfg = _config_file(ppo_config(
+        inputs, run_dir, parallel={"expert_model_parallel_size": 1},
+        rlhf={"policy_model": os.path.join(out, "lora", f"iter_{steps:07d}"), "max_steps": 1,
+              "save_steps": 1, "eval_steps": 1, "use_peft": True, "lora_r": 4, "lora_alpha": 8,
+              "lora_target_modules": ["q_proj", "v_proj"]},
+        data={"prompt_data_path": inputs["data"]["jsonl"]["prompts_train"],
+              "validation_prompt_path": inputs["data"]["jsonl"]["prompts_val"],
+              "tokenizer_path": inputs["data"]["tokenizer"]}), "from_lora", out)
+    result = run_ppo(cfg, log=lines.append)
+    return {"validation": result["validation"], "log": lines}
+
+
 def main() -> None:
     from glm_megatron.parallel import install_cpu_support
 
@@ -221,6 +241,7 @@ def main() -> None:
                                           {"expert_model_parallel_size": 2}, args.steps)
     results["pp2_value"] = scenario_pp2_value_model(inputs, args.out)
     results["lora"] = scenario_lora(inputs, args.out, args.steps)
+    results["from_lora"] = scenario_from_lora(inputs, args.out, args.steps)
     if int(os.environ["RANK"]) == 0:
         with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=1)

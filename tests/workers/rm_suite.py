@@ -48,9 +48,9 @@ def padding_check(layout: dict, seqs: list, pad_id: int) -> dict:
     the last, padding position."""
     import torch
 
-    from glm_megatron.algorithms.rm.data import build_inputs
     from glm_megatron.algorithms.rm.loss import rm_forward_step
     from glm_megatron.engine.engine import ModelRunner
+    from glm_megatron.engine.preference_batches import build_inputs
     from glm_megatron.models import get_preset
     from glm_megatron.models.config import model_shape
     from glm_megatron.models.loading import build_glm_model

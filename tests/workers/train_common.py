@@ -99,3 +99,56 @@ def run_glm(*args: str, nproc: int = 2, timeout: int = 600, check: bool = True):
         raise AssertionError(f"glm_megatron {' '.join(args)} exited {proc.returncode}:\n"
                              f"{output[-6000:]}")
     return proc.returncode, output
+
+
+def start_glm(*args: str, nproc: int = 2):
+    """``glm_cmd(*args)`` started in the background (output piped), for tests that interrupt it."""
+    import subprocess
+
+    from helpers.launch import test_env
+
+    return subprocess.Popen(glm_cmd(*args, nproc=nproc), cwd=REPO, env=test_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(cond, proc, timeout=300):
+    """Poll ``cond()`` until true; fail with the job's output if it ends first, or on timeout."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def logged_steps(out_dir) -> int:
+    """The last step in ``train_log.jsonl`` (0 before the first)."""
+    try:
+        return max(read_train_log(out_dir), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def complete_steps(out_dir) -> list[int]:
+    """Steps of the checkpoints in ``out_dir`` that are complete (their COMPLETE marker)."""
+    return sorted(int(p[5:]) for p in os.listdir(out_dir)
+                  if p.startswith("iter_") and os.path.isfile(os.path.join(out_dir, p, "COMPLETE")))
+
+
+def kill_job(proc) -> None:
+    """SIGKILL every process of a torchrun job, as a node failure would (no handler runs)."""
+    import signal
+
+    import psutil
+
+    # torchrun starts its ranks in sessions of their own, so a process-group kill would miss
+    # them: each process is killed.
+    job = psutil.Process(proc.pid)
+    for p in [*job.children(recursive=True), job]:
+        p.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)

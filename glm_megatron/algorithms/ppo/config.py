@@ -103,9 +103,12 @@ class RLHFSection(LoraKeys, OptimConfig):
 
 @dataclass
 class PromptDataSection:
-    prompt_data_path: str | None = None  # tokenized prompts (tools/tokenize_data.py --format prompts)
+    # Tokenized prompts (tools/tokenize_data.py --format prompts), or a raw JSONL/JSON prompt
+    # file rendered with the policy's chat template at start (needs tokenizer_path).
+    prompt_data_path: str | None = None
     validation_prompt_path: str | None = None
-    tokenizer_path: str | None = None  # for sample text in the logs; null: the data's tokenizer
+    # Raw prompt files are tokenized with it; sample text in the logs. null: the data's tokenizer.
+    tokenizer_path: str | None = None
     max_prompt_length: int = 1024  # longer prompts are skipped (counted and reported)
     max_validation_prompts: int = 256
     shuffle: bool = True

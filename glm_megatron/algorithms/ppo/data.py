@@ -1,7 +1,9 @@
 """Prompts for PPO and the rollout batches built from them.
 
 Prompts are a tokenized ``prompts`` split (``tools/tokenize_data.py --format prompts``): the GLM
-chat template rendered up to and including the ``<|assistant|>`` generation prompt. The order is
+chat template rendered up to and including the ``<|assistant|>`` generation prompt; or, as the
+guide writes it, a raw JSONL prompt file rendered the same way when the run starts
+(:mod:`glm_megatron.data.prompt_files`, with ``data.tokenizer_path``). The order is
 the engine's deterministic plan (``engine.batching.StepPlanner``), so a resumed run draws
 the same prompts: PPO step ``k`` of epoch ``e`` takes rows ``[k*B, (k+1)*B)`` of epoch ``e``'s
 permutation, each data-parallel rank its ``B / DP`` share.
@@ -21,25 +23,53 @@ import torch
 
 from ...data.dataset import TokenizedDataset
 from ...data.errors import DataValidationError
+from ...data.prompt_files import is_raw_prompt_file, tokenize_prompt_file
 from ...engine.batching import BatchPlan, StepPlanner, open_tokenized
 from ...engine.config import TrainConfigError
 
 
-def open_prompts(path: str, key: str, vocab_size: int, max_prompt_length: int) -> tuple[list, int]:
-    """(prompt id lists no longer than ``max_prompt_length``, number skipped as too long)."""
-    ds = open_tokenized(path, key, "prompts", vocab_size)
-    lengths = np.asarray(ds.lengths())
-    keep = np.flatnonzero((lengths <= max_prompt_length) & (lengths > 0))
-    prompts = [ds[int(i)]["prompt_ids"].astype(np.int64).tolist() for i in keep]
+def open_prompts(path: str, key: str, vocab_size: int, max_prompt_length: int,
+                 tokenizer_path: str | None = None, template: str | None = None) -> tuple[list, int]:
+    """(prompt id lists no longer than ``max_prompt_length``, number skipped as too long).
+
+    ``path``: a tokenized ``prompts`` split, or a raw JSONL/JSON prompt file tokenized here with
+    ``tokenizer_path`` (``data.tokenizer_path``) and the chat ``template``."""
+    if is_raw_prompt_file(path):
+        every = raw_prompts(path, key, vocab_size, tokenizer_path, template)
+    else:
+        ds = open_tokenized(path, key, "prompts", vocab_size)
+        every = [ds[i]["prompt_ids"].astype(np.int64).tolist() for i in range(len(ds))]
+    prompts = [p for p in every if 0 < len(p) <= max_prompt_length]
     if not prompts:
         raise TrainConfigError(f"{key}: no prompt of {path} fits data.max_prompt_length "
                                f"{max_prompt_length}")
-    return prompts, len(ds) - len(prompts)
+    return prompts, len(every) - len(prompts)
+
+
+def raw_prompts(path: str, key: str, vocab_size: int, tokenizer_path: str | None,
+                template: str | None) -> list:
+    if not tokenizer_path:
+        raise TrainConfigError(f"{key}: {path} is a raw prompt file; set data.tokenizer_path to "
+                               "the tokenizer to render it with (or tokenize it first: "
+                               "tools/tokenize_data.py --format prompts)")
+    try:
+        prompts, tok = tokenize_prompt_file(path, tokenizer_path, template)
+    except DataValidationError as err:
+        raise TrainConfigError(f"{key}: {err}") from None
+    if tok["vocab_size"] > vocab_size:
+        raise TrainConfigError(f"{key}: data.tokenizer_path {tokenizer_path} has "
+                               f"{tok['vocab_size']} tokens, more than the policy's vocab_size "
+                               f"{vocab_size}")
+    return prompts
 
 
 def prompt_tokenizer_info(prompt_path: str, tokenizer_path: str | None) -> dict:
     """What the prompts were tokenized with (path, stop_ids, pad_id from the split's manifest);
     ``data.tokenizer_path`` overrides the path used for sample text."""
+    if is_raw_prompt_file(prompt_path) and tokenizer_path:
+        from ...data.tokenizer import load_tokenizer
+
+        return load_tokenizer(tokenizer_path).describe()
     try:
         info = dict(TokenizedDataset(prompt_path).manifest.get("tokenizer") or {})
     except DataValidationError:

@@ -25,20 +25,15 @@ from megatron.core import parallel_state as ps
 
 import glm_kernels as kernels
 
+from ...engine.collect import collect
 from ...engine.engine import Engine, sum_reports
+from ...engine.frozen import Offloaded
+from ...engine.token_logprobs import score_logprobs
 from ...generation.sampling import SamplingParams
 from ...models.lora import AdaptersOff
 from ...models.policy_heads import hidden_output
 from .data import Rollouts, agree_length, build_rollouts
-from .forward import (
-    REPORT_KEYS,
-    collect,
-    ppo_loss_step,
-    reward_step,
-    score_logprobs,
-    value_loss_step,
-    value_step,
-)
+from .forward import REPORT_KEYS, ppo_loss_step, reward_step, value_loss_step, value_step
 from .loss import (
     batch_repetition,
     ended_with_stop,
@@ -47,7 +42,6 @@ from .loss import (
     should_stop_epoch,
     token_rewards,
 )
-from .models import Offloaded
 
 
 def step_seed(seed: int, step: int, dp_rank: int, purpose: int = 0) -> int:

@@ -22,10 +22,12 @@ from functools import partial
 
 import torch
 
+from ...data.chat_template import template_for_model_type
 from ...engine import checkpointing as ckpt
 from ...engine.batching import pad_multiple
 from ...engine.config import TrainConfigError
 from ...engine.engine import Engine
+from ...engine.frozen import Offloaded, build_frozen, resolve_source
 from ...engine.loop import LoopSchedule, StepResult, TrainTask, run_loop
 from ...engine.metrics import RunLogger
 from ...engine.model_setup import adapter_base, add_adapters, lora_settings
@@ -37,15 +39,7 @@ from ...parallel.state import have_transformer_engine
 from .config import PPOConfig, ppo_save_interval, resolve_ppo_batch
 from .data import PromptPlanner, open_prompts, prompt_tokenizer_info
 from .loss import kl_controller
-from .models import (
-    Offloaded,
-    build_frozen,
-    build_policy,
-    build_value_model,
-    check_same_vocabulary,
-    resolve_source,
-    reward_normalization,
-)
+from .models import build_policy, build_value_model, check_same_vocabulary, reward_normalization
 from .step import PPOModels, PPOStep, step_seed
 
 LOG_FILE = "ppo_log.jsonl"
@@ -91,8 +85,10 @@ def prepare_ppo(cfg: PPOConfig, world_size: int) -> Prepared:
         except LayoutError as err:
             raise TrainConfigError(f"parallel: {err} (for {src.key})") from None
     plan = resolve_ppo_batch(cfg, layout.data_parallel_size(world_size))
+    # A raw prompt file is rendered with the policy family's chat template.
+    raw = {"tokenizer_path": d.tokenizer_path, "template": template_for_model_type(policy.model_type)}
     prompts, skipped = open_prompts(d.prompt_data_path, "data.prompt_data_path", policy.vocab_size,
-                                    d.max_prompt_length)
+                                    d.max_prompt_length, **raw)
     skipped_all = {"train": skipped}
     if len(prompts) < r.batch_size:
         raise TrainConfigError(f"data.prompt_data_path: {len(prompts)} usable prompts is less than "
@@ -101,7 +97,7 @@ def prepare_ppo(cfg: PPOConfig, world_size: int) -> Prepared:
     if d.validation_prompt_path:
         val, skipped_all["validation"] = open_prompts(
             d.validation_prompt_path, "data.validation_prompt_path", policy.vocab_size,
-            d.max_prompt_length)
+            d.max_prompt_length, **raw)
         dp = plan.data_parallel_size
         val = val[:min(len(val), d.max_validation_prompts) // dp * dp]
         if not val:

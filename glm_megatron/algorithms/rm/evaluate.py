@@ -21,11 +21,11 @@ import numpy as np
 from ...engine.batching import Truncated, model_pad_id, open_tokenized, pad_multiple
 from ...engine.config import TrainConfigError
 from ...engine.engine import ModelRunner
+from ...engine.preference_batches import PreferenceBatcher
 from ...engine.prepare import evaluation_target
 from ...models.checkpoint_dirs import REWARD_FILE
 from ...models.config import model_shape
 from .calibration import calibration_table, plot_calibration
-from .data import PreferenceBatcher
 from .metrics import normalization_stats, pair_metrics, score_pairs
 
 
@@ -106,15 +106,16 @@ def run(args, log=print) -> dict:
     data = Truncated(base, max_len)
     margin = reward_info.get("margin", 0.0) if args.margin is None else args.margin
 
-    from ...models.checkpoint import load_model_weights
+    from ...engine.lora_checkpoints import load_checkpoint_weights
     from ...models.loading import build_glm_model
     from ...models.reward_head import attach_reward_heads
     from ...parallel import initialize_parallel
 
     ctx = initialize_parallel(layout, model_shape(glm), training=False, env=env)
     chunks, tconfig = build_glm_model(glm, ctx.layout)
-    attach_reward_heads(chunks, tconfig)
-    load_model_weights(chunks, model_dir)
+    # A LoRA reward model loads as its base with the adapters folded in.
+    load_checkpoint_weights(chunks, glm, model_dir, "--load",
+                            heads=lambda c: attach_reward_heads(c, tconfig))
     batcher = PreferenceBatcher(data, model_pad_id(glm), pad_multiple(ctx.layout), margin, ctx.device)
     rewards = score_pairs(ModelRunner(chunks), batcher, args.batch_size)
     metrics = {k.removeprefix("eval_"): v for k, v in pair_metrics(rewards, margin).items()}

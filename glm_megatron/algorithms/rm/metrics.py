@@ -1,7 +1,8 @@
 """Reward-model evaluation over every data-parallel rank: accuracy, margins, reward statistics.
 
-Pairs are dealt to data-parallel ranks in global batches like :mod:`.evaluation` (a short last
-batch is filled with masked copies of pair 0). Each pair's two rewards are gathered to every rank,
+Pairs are dealt to data-parallel ranks in global batches by
+:func:`glm_megatron.engine.eval_batches.dealt_batches` (a short last batch is filled with masked
+copies of pair 0). Each pair's two rewards are gathered to every rank,
 so the metrics, the calibration table and the normalisation statistics are computed from the
 same numbers everywhere.
 """
@@ -12,6 +13,7 @@ import numpy as np
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from ...engine.eval_batches import dealt_batches
 from .calibration import calibration_table
 from .loss import ranking_loss, rm_forward_step
 
@@ -19,26 +21,19 @@ from .loss import ranking_loss, rm_forward_step
 def score_pairs(runner, batcher, batch_size: int, max_samples: int | None = None) -> np.ndarray:
     """[N, 2] (chosen, rejected) rewards of the first N pairs, on every rank."""
     n = len(batcher) if max_samples is None else min(len(batcher), max_samples)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    per_step = batch_size * dp
     mine = []
     contributes = (ps.is_pipeline_last_stage(ignore_virtual=True)
                    and ps.get_tensor_model_parallel_rank() == 0
                    and ps.get_context_parallel_rank() == 0)
-    for start in range(0, n, per_step):
-        rows = np.arange(start, start + per_step)
-        filler = rows >= n
-        rows = np.where(filler, 0, rows)
-        length = batcher.step_length(rows)
-        rows, filler = rows.reshape(dp, batch_size), filler.reshape(dp, batch_size)
-        mb = batcher.microbatch(rows[dp_rank], length, mask_rows=filler[dp_rank])
+    for rows, filler, length in dealt_batches(batcher, batch_size, n):
+        mb = batcher.microbatch(rows, length, mask_rows=filler)
         reports = runner.eval_step([mb], rm_forward_step)
         if contributes:
-            keep = ~filler[dp_rank]
+            keep = ~filler
             for r in reports:  # one micro-batch: one report, one row per pair
                 pairs = r["rm pairs"].detach().float().cpu().numpy()
                 # With the global row index: the result is in data order whatever the layout.
-                mine.append((rows[dp_rank][keep], pairs[keep, :2]))
+                mine.append((rows[keep], pairs[keep, :2]))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     found = {}

@@ -21,12 +21,12 @@ from ...engine.config import TrainConfigError
 from ...engine.engine import Engine
 from ...engine.loop import BatchedTask, run_loop, schedule_from_config
 from ...engine.model_setup import adapter_base, build_trained_model
+from ...engine.preference_batches import PreferenceBatcher
 from ...engine.prepare import Prepared, finish_prepare, model_layout_plan
 from ...models.checkpoint_dirs import REWARD_FILE, is_reward_checkpoint
 from ...models.config import model_shape
 from ...models.reward_head import HEAD_KEY, attach_reward_heads
 from ...parallel import read_launch_env
-from .data import PreferenceBatcher
 from .loss import rm_forward_step
 from .metrics import normalization_stats, pair_metrics, score_pairs
 

@@ -104,13 +104,13 @@ def run(args, log=print) -> dict:
         raise TrainConfigError("--num-generations needs --test-data as a JSON/JSONL conversations "
                                "file (the references are its last assistant turns)")
 
-    from ...models.checkpoint import load_model_weights
+    from ...engine.lora_checkpoints import load_checkpoint_weights
     from ...models.loading import build_glm_model
     from ...parallel import initialize_parallel
 
     ctx = initialize_parallel(layout, model_shape(glm), training=False, env=env)
     chunks, _ = build_glm_model(glm, ctx.layout)
-    load_model_weights(chunks, model_dir)
+    load_checkpoint_weights(chunks, glm, model_dir, "--load")  # LoRA: adapters folded in
     mult = pad_multiple(ctx.layout)
     pad_id = model_pad_id(glm)
     batcher = SFTBatcher(data, max_len, pad_id, mult, -100, False, ctx.device)

@@ -36,14 +36,17 @@ def iter_json_records(path: str) -> Iterator[tuple[int, object]]:
     if not os.path.isfile(path):
         raise _file_error(path, "no such file")
     if path.endswith(".txt"):
-        yield from _iter_text_lines(path)
-        return
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b" \t\r\n\xef\xbb\xbf")
-    if head.startswith(b"["):
-        yield from _iter_json_array(path)
+        records = _iter_text_lines(path)
     else:
-        yield from _iter_jsonl(path)
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b" \t\r\n\xef\xbb\xbf")
+        records = _iter_json_array(path) if head.startswith(b"[") else _iter_jsonl(path)
+    count = 0
+    for item in records:
+        count += 1
+        yield item
+    if count == 0:  # an empty export or a wrong path glob: never a silently empty dataset
+        raise _file_error(path, "empty input file (no records)")
 
 
 def _decode_line(raw: bytes, path: str, lineno: int) -> str | DataValidationError:

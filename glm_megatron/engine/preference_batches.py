@@ -1,4 +1,4 @@
-"""Preference pairs for the reward-model trainer: model-ready micro-batches.
+"""Preference pairs as model-ready micro-batches (the reward model, DPO).
 
 A micro-batch of B pairs is one ``[2B, T]`` forward pass, the B chosen rows first, then the B
 rejected rows in the same order: chosen and rejected of a pair always share a micro-batch and a
@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...engine.batching import round_up
-from ...models.reward_head import last_token_index
+from ..models.reward_head import last_token_index
+from .batching import round_up
 
 
 def build_inputs(seqs: list, length: int, pad_id: int, padding_side: str = "right") -> dict:
