@@ -3,11 +3,12 @@
 The base is a tiny random ``GlmForCausalLM`` loaded from HF safetensors (``model.hf_checkpoint``,
 as the tutorial loads glm-4-9b-chat-hf); the run trains adapters only, at TP=2 with sequence
 parallelism. Checked: held-out loss falls; checkpoints hold only the adapters and name the base;
-a resumed run repeats the uninterrupted run's losses; a different base is refused naming both;
-the PEFT export loads in peft and gives the merged export's logits (peft is the oracle); the
-merged export differs from the base (the adapters learned something). One more run trains LoRA
-on every linear of a tiny GLM-4.5 MoE (routed experts included) with lm_head trained fully, at
-TP=2+SP with expert TP 1, and checks its exports the same way.
+a run killed with kill -9 and resumed with --resume auto repeats the uninterrupted run's
+losses; a different base is refused naming both; the PEFT export loads in peft and gives the
+merged export's logits (peft is the oracle); the merged export differs from the base (the
+adapters learned something). One more run trains LoRA on every linear of a tiny GLM-4.5 MoE
+(routed experts included) with lm_head trained fully, at TP=2+SP with expert TP 1, and checks
+its exports the same way.
 """
 
 import json
@@ -15,7 +16,17 @@ import os
 
 import pytest
 import torch
-from workers.train_common import build_tiny_data, read_train_log, run_glm, tiny_config, write_config
+from workers.train_common import (
+    build_tiny_data,
+    complete_steps,
+    kill_job,
+    read_train_log,
+    run_glm,
+    start_glm,
+    tiny_config,
+    wait_for,
+    write_config,
+)
 
 from helpers.launch import run_tool
 from helpers.tiny_hf import make_tiny_dense_hf_checkpoint
@@ -77,15 +88,20 @@ def test_checkpoints_hold_the_adapters_and_name_the_base(run, setup):
     assert shapes == {"lora_A": (8, 64), "q": (64, 8)}, shapes
 
 
-def test_resume_repeats_the_uninterrupted_run(run, setup):
+def test_kill9_then_resume_auto_repeats_the_uninterrupted_run(run, setup):
+    """kill -9 right after the step-10 checkpoint (adapters + their optimizer state), then
+    --resume auto: every step's loss equals the uninterrupted run's."""
     out, _ = run
     root, data, base = setup
-    again = root / "resumed"
-    cfg = lora_config(data, base, again)
-    cfg["checkpoint"]["resume"] = str(out / "iter_0000010")
-    run_glm("sft", "--config", write_config(cfg, str(root / "resume.yaml")))
+    again = root / "killed"
+    cfg_file = write_config(lora_config(data, base, again), str(root / "killed.yaml"))
+    proc = start_glm("sft", "--config", cfg_file)
+    wait_for(lambda: again.is_dir() and 10 in complete_steps(str(again)), proc)
+    kill_job(proc)
+    assert 20 not in complete_steps(str(again)), "the run finished before it could be killed"
+    run_glm("sft", "--config", cfg_file, "--resume", "auto")
     first, second = read_train_log(str(out)), read_train_log(str(again))
-    assert sorted(second) == list(range(11, 21))
+    assert sorted(second) == list(range(1, 21))
     for step, loss in second.items():
         assert loss == pytest.approx(first[step], abs=1e-6), step
 
