@@ -58,6 +58,14 @@ def read_reward_info(weights: str) -> dict:
         return json.load(fh)
 
 
+def reward_hf_tensors(cfg, with_mtp: bool) -> dict:
+    """HF name -> shape of a reward export: the LM's tensors without lm_head, plus the score."""
+    expected = expected_hf_tensors(cfg, with_mtp=with_mtp)
+    expected.pop("lm_head.weight", None)
+    expected[SCORE_KEY] = (1, cfg.hidden_size)
+    return expected
+
+
 def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = None,
                         dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                         overwrite: bool = False) -> dict:
@@ -80,11 +88,11 @@ def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = 
         tmp = output_dir.start(out_dir)
         weight_map, total_bytes, dtypes = write_streamed_shards(tensors, tmp, max_shard_bytes, dtype)
         mtp = any(n.startswith(f"model.layers.{cfg.num_hidden_layers}.") for n in weight_map)
-        return _finish(out_dir, tmp, weights, cfg, info, expected_hf_tensors(cfg, with_mtp=mtp),
+        return _finish(out_dir, tmp, weights, cfg, info, reward_hf_tensors(cfg, mtp),
                        weight_map, total_bytes, len(set(weight_map.values())),
                        dtypes.get("model.embed_tokens.weight"), tokenizer_dir, start)
     with_mtp = any(k.startswith("mtp.") for k in reader.tensors)
-    expected = expected_hf_tensors(cfg, with_mtp=with_mtp)
+    expected = reward_hf_tensors(cfg, with_mtp)
 
     shards = plan_shards(reader, max_shard_bytes)
     names = shard_names(len(shards))
@@ -113,9 +121,6 @@ def export_reward_to_hf(load: str, out_dir: str, *, tokenizer_dir: str | None = 
 def _finish(out_dir, tmp, weights, cfg, info, expected, weight_map, total_bytes, shard_count,
             main_dtype, tokenizer_dir, start) -> dict:
     """Check the written tensors, write the index, config and tokenizer, publish ``out_dir``."""
-    expected = dict(expected)
-    expected.pop("lm_head.weight", None)
-    expected[SCORE_KEY] = (1, cfg.hidden_size)
     missing = sorted(set(expected) - set(weight_map))
     if missing:
         raise ConfigError(f"{weights}: checkpoint lacks {len(missing)} tensor(s): {missing[:20]}")
